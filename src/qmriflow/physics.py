@@ -1,0 +1,563 @@
+"""The one place where qmriflow's signal equations live.
+
+Every MR signal that qmriflow computes — when the phantom acquires an image, when the network
+is trained, when ``qmriflow synth`` re-synthesises a weighted image, when the fat/water fitter
+evaluates a likelihood — comes from a function in this module. Nothing else re-implements them.
+
+Units (also encoded in the argument names):
+
+* ``tr_ms``, ``te_ms``, ``ti_ms``: milliseconds, as stored in DICOM headers;
+* ``t1_s``, ``t2_s``: seconds, as in BIDS ``T1map``/``T2map``;
+* ``fa_deg``: degrees;
+* ``pd``: proton density, arbitrary units (the seed's PD in [0, 1], water = 1);
+* ``r2star_per_s``: 1/s; ``field_t``: tesla; echo times of the CSE branch in ms.
+
+Every function accepts NumPy arrays (or Python scalars) *or* PyTorch tensors and returns the
+same kind: torch in, torch out (differentiable, on the inputs' device, batched by
+broadcasting); NumPy in, NumPy out. Protocol parameters may be scalars or arrays/tensors that
+broadcast against the maps (e.g. shape ``(B, 1, 1, 1)`` for per-slice protocols).
+
+Conventional-MRI models follow seed 000 (appendix A and F). T2 (not T2*) is used everywhere,
+as in the seed. ``1e-6`` is added to the relaxation times in the exponents and to the
+spoiled-GRE denominator, as in the published implementation, so that background voxels with
+T1 = T2 = 0 give finite values and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_FAT_PPM",
+    "DEFAULT_FAT_RELATIVE_AMPLITUDES",
+    "EPS",
+    "GYROMAGNETIC_RATIO_MHZ_PER_T",
+    "SEQUENCES",
+    "WM_REFERENCE",
+    "FatSpectrum",
+    "Protocol",
+    "TECorrection",
+    "cse_magnitude",
+    "flair",
+    "ir_gre",
+    "log_i0",
+    "ls_global_scale",
+    "rician_nll",
+    "scale_bounds",
+    "signal",
+    "spin_echo",
+    "spoiled_gre",
+    "te_correction_factor",
+    "tse",
+    "wm_reference_scale",
+    "wm_reference_signal",
+]
+
+EPS = 1e-6
+"""Regulariser added to T1/T2 (s) in the exponents and to the GRE denominator."""
+
+SEQUENCES = ("gre", "tse", "flair", "irgre", "se")
+"""Sequence families understood by :func:`signal`.
+
+``gre``: 3D spoiled gradient echo (T1w). ``tse``: 2D/3D turbo spin echo (T2w). ``flair``:
+inversion-recovery TSE (T2-FLAIR), magnitude. ``irgre``: inversion-prepared GRE (MPRAGE-like,
+seed eq. F.1). ``se``: conventional spin echo (T1w 2D SE).
+"""
+
+# Reference white-matter tissue (seed section 2.2.2): PD a.u., T1 and T2 in seconds.
+WM_REFERENCE: Mapping[str, float] = {"pd": 0.70, "t1_s": 0.850, "t2_s": 0.070}
+
+GYROMAGNETIC_RATIO_MHZ_PER_T = 42.577478
+"""Proton gyromagnetic ratio / 2π (CODATA 2018), MHz/T."""
+
+# 6-peak fat spectrum, ppm relative to water (water at 0 ppm, fat peaks negative), and the
+# relative amplitudes that sum to 1 (MAGORINO / RAIDER / seed 004).
+DEFAULT_FAT_PPM = (-3.90, -3.50, -2.70, -2.04, -0.49, 0.50)
+DEFAULT_FAT_RELATIVE_AMPLITUDES = (0.087, 0.694, 0.128, 0.004, 0.039, 0.048)
+
+
+# ---------------------------------------------------------------------------------------------
+# array-namespace helpers: one equation, two back-ends
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+class _Numpy:
+    exp = staticmethod(np.exp)
+    sin = staticmethod(np.sin)
+    cos = staticmethod(np.cos)
+    abs = staticmethod(np.abs)
+    sqrt = staticmethod(np.sqrt)
+    log = staticmethod(np.log)
+
+    @staticmethod
+    def asarray(x: Any, like: Any = None) -> np.ndarray:
+        return np.asarray(x, dtype=np.result_type(np.asarray(x).dtype, np.float64))
+
+    @staticmethod
+    def i0e(x: Any) -> Any:
+        from scipy.special import i0e
+
+        return i0e(x)
+
+    @staticmethod
+    def clamp(x: Any, lo: Any, hi: Any) -> Any:
+        return np.clip(x, lo, hi)
+
+    @staticmethod
+    def maximum(x: Any, y: Any) -> Any:
+        return np.maximum(x, y)
+
+
+class _Torch:
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.exp = torch.exp
+        self.sin = torch.sin
+        self.cos = torch.cos
+        self.abs = torch.abs
+        self.sqrt = torch.sqrt
+        self.log = torch.log
+        self.i0e = torch.special.i0e
+
+    def asarray(self, x: Any, like: Any = None) -> Any:
+        torch = self.torch
+        if isinstance(x, torch.Tensor):
+            return x
+        ref = like if isinstance(like, torch.Tensor) else None
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        device = ref.device if ref is not None else None
+        return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
+
+    def clamp(self, x: Any, lo: Any, hi: Any) -> Any:
+        return self.torch.clamp(x, min=self.asarray(lo, x), max=self.asarray(hi, x))
+
+    def maximum(self, x: Any, y: Any) -> Any:
+        return self.torch.maximum(x, self.asarray(y, x))
+
+
+_NUMPY = _Numpy()
+_TORCH: _Torch | None = None
+
+
+def _ns(*xs: Any) -> Any:
+    """Return the array namespace for the inputs: torch if any input is a tensor."""
+    global _TORCH
+    if any(_is_torch(x) for x in xs):
+        if _TORCH is None:
+            _TORCH = _Torch()
+        return _TORCH
+    return _NUMPY
+
+
+def _prep(*xs: Any) -> tuple[Any, tuple[Any, ...]]:
+    xp = _ns(*xs)
+    like = next((x for x in xs if _is_torch(x)), None)
+    return xp, tuple(None if x is None else xp.asarray(x, like) for x in xs)
+
+
+# ---------------------------------------------------------------------------------------------
+# TSE echo-time correction (seed 2.2.2, Busse et al.): the one place it is decided
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TECorrection:
+    """Effective-TE factors for echo-train sequences.
+
+    The analytic Bloch equations overestimate the T2 weighting of TSE echo trains with
+    variable refocusing angles; the seed multiplies the nominal TE by a factor. Defaults:
+    0.90 for T2w TSE, 0.42 for 3D FLAIR TSE, and — as in the published implementation —
+    0.89 for FLAIR with a short echo train (nominal TE below ``flair_short_te_ms``, i.e. 2D
+    FLAIR). Spoiled GRE, IR-GRE and conventional SE are not corrected.
+    """
+
+    tse: float = 0.90
+    flair: float = 0.42
+    flair_short: float = 0.89
+    flair_short_te_ms: float = 200.0
+
+    def __post_init__(self) -> None:
+        for name in ("tse", "flair", "flair_short"):
+            v = getattr(self, name)
+            if not (0.0 < v <= 1.5):
+                raise ValueError(f"te_correction.{name} must be in (0, 1.5], got {v!r}")
+        if self.flair_short_te_ms <= 0:
+            raise ValueError("te_correction.flair_short_te_ms must be > 0")
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any] | None) -> TECorrection:
+        return cls(**dict(m or {}))
+
+
+DEFAULT_TE_CORRECTION = TECorrection()
+
+
+def te_correction_factor(
+    sequence: str, te_ms: float, correction: TECorrection | None = None
+) -> float:
+    """Factor applied to the nominal TE of ``sequence`` (1.0 where no correction applies)."""
+    c = correction or DEFAULT_TE_CORRECTION
+    seq = _check_sequence(sequence)
+    if seq == "tse":
+        return c.tse
+    if seq == "flair":
+        return c.flair_short if float(te_ms) < c.flair_short_te_ms else c.flair
+    return 1.0
+
+
+def _effective_te(sequence: str, te_ms: Any, te_correction: float | TECorrection | None) -> Any:
+    """Apply the TE correction to a scalar or array TE (ms).
+
+    ``te_correction``: ``None`` → the default factors, a :class:`TECorrection` → its factors,
+    a number → that factor (``1.0`` disables the correction).
+    """
+    if isinstance(te_correction, (int, float)) and not isinstance(te_correction, bool):
+        return te_ms * float(te_correction)
+    corr = te_correction if isinstance(te_correction, TECorrection) else None
+    if _is_torch(te_ms) or np.ndim(te_ms) > 0:
+        # per-slice protocols: decide the factor element-wise
+        c = corr or DEFAULT_TE_CORRECTION
+        if sequence == "tse":
+            return te_ms * c.tse
+        if sequence == "flair":
+            short = te_ms < c.flair_short_te_ms
+            if _ns(te_ms) is _NUMPY:
+                return te_ms * np.where(short, c.flair_short, c.flair)
+            import torch
+
+            return torch.where(short, te_ms * c.flair_short, te_ms * c.flair)
+        return te_ms
+    return te_ms * te_correction_factor(sequence, float(te_ms), corr)
+
+
+# ---------------------------------------------------------------------------------------------
+# conventional-MRI signal models (seed appendix A and F)
+# ---------------------------------------------------------------------------------------------
+
+
+def _relax(xp: Any, t_ms: Any, t_s: Any) -> Any:
+    """exp(-t / T) with t in ms and T in s."""
+    return xp.exp(-(t_ms / 1000.0) / (t_s + EPS))
+
+
+def spoiled_gre(pd: Any, t1_s: Any, t2_s: Any, tr_ms: Any, te_ms: Any, fa_deg: Any) -> Any:
+    """3D spoiled gradient echo (seed eq. A.1).
+
+    S = PD · sin α · (1 − E1) / (1 − cos α · E1) · exp(−TE/T2), E1 = exp(−TR/T1).
+    """
+    xp, (pd, t1_s, t2_s, tr_ms, te_ms, fa_deg) = _prep(pd, t1_s, t2_s, tr_ms, te_ms, fa_deg)
+    a = fa_deg * (math.pi / 180.0)
+    e1 = _relax(xp, tr_ms, t1_s)
+    return pd * xp.sin(a) * (1.0 - e1) / (1.0 - xp.cos(a) * e1 + EPS) * _relax(xp, te_ms, t2_s)
+
+
+def spin_echo(pd: Any, t1_s: Any, t2_s: Any, tr_ms: Any, te_ms: Any, fa_deg: Any = 90.0) -> Any:
+    """Conventional (2D) spin echo, T1w SE of seed appendix F.
+
+    The published implementation uses the spoiled-GRE steady state with the excitation angle
+    (70° or 90°) and T2 decay; at 90° it is the textbook PD·(1 − E1)·exp(−TE/T2).
+    """
+    return spoiled_gre(pd, t1_s, t2_s, tr_ms, te_ms, fa_deg)
+
+
+def tse(
+    pd: Any,
+    t1_s: Any,
+    t2_s: Any,
+    tr_ms: Any,
+    te_ms: Any,
+    te_correction: float | TECorrection | None = None,
+) -> Any:
+    """2D/3D turbo spin echo, T2w (seed eq. A.2), with the TSE TE correction.
+
+    S = PD · (1 − exp(−TR/T1)) · exp(−TE_eff/T2), TE_eff = factor · TE (default 0.90).
+    """
+    te_eff = _effective_te("tse", te_ms, te_correction)
+    xp, (pd, t1_s, t2_s, tr_ms, te_eff) = _prep(pd, t1_s, t2_s, tr_ms, te_eff)
+    return pd * (1.0 - _relax(xp, tr_ms, t1_s)) * _relax(xp, te_eff, t2_s)
+
+
+def flair(
+    pd: Any,
+    t1_s: Any,
+    t2_s: Any,
+    tr_ms: Any,
+    te_ms: Any,
+    ti_ms: Any,
+    te_correction: float | TECorrection | None = None,
+) -> Any:
+    """Inversion-recovery TSE, T2-FLAIR, magnitude (seed eq. A.3), with the TE correction.
+
+    S = |PD · (1 − 2 exp(−TI/T1) + exp(−TR/T1)) · exp(−TE_eff/T2)|, TE_eff = factor · TE
+    (default 0.42, or 0.89 for TE < 200 ms).
+    """
+    te_eff = _effective_te("flair", te_ms, te_correction)
+    xp, (pd, t1_s, t2_s, tr_ms, te_eff, ti_ms) = _prep(pd, t1_s, t2_s, tr_ms, te_eff, ti_ms)
+    mz = 1.0 - 2.0 * _relax(xp, ti_ms, t1_s) + _relax(xp, tr_ms, t1_s)
+    return xp.abs(pd * mz * _relax(xp, te_eff, t2_s))
+
+
+def ir_gre(
+    pd: Any, t1_s: Any, t2_s: Any, tr_ms: Any, te_ms: Any, ti_ms: Any, fa_deg: Any
+) -> Any:
+    """Inversion-prepared GRE, MPRAGE-like (seed eq. F.1, as printed).
+
+    S = PD · (1 − 2 exp(−TI/T1) + exp(−TR/T1)) / (1 + cos α · exp(−TR/T1)) · sin α ·
+    exp(−TE/T2). Signed, as printed. ``tr_ms`` must be the *inversion* repetition time
+    (e.g. 2000–2500 ms); vendors that report the excitation TR (Philips T1TFE: ~6.5 ms) must
+    be handled before calling this, see the parameter extraction step.
+    """
+    xp, (pd, t1_s, t2_s, tr_ms, te_ms, ti_ms, fa_deg) = _prep(
+        pd, t1_s, t2_s, tr_ms, te_ms, ti_ms, fa_deg
+    )
+    a = fa_deg * (math.pi / 180.0)
+    e1 = _relax(xp, tr_ms, t1_s)
+    mz = 1.0 - 2.0 * _relax(xp, ti_ms, t1_s) + e1
+    return pd * mz / (1.0 + xp.cos(a) * e1) * xp.sin(a) * _relax(xp, te_ms, t2_s)
+
+
+def _check_sequence(sequence: str) -> str:
+    s = str(sequence).lower()
+    if s not in SEQUENCES:
+        raise ValueError(f"unknown sequence {sequence!r}; expected one of {', '.join(SEQUENCES)}")
+    return s
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Acquisition parameters of one weighted series, in header units.
+
+    ``te_correction``: ``None`` uses the defaults of :class:`TECorrection`; a float overrides
+    the factor for this series (``1.0`` disables it).
+    """
+
+    sequence: str
+    tr_ms: float
+    te_ms: float
+    ti_ms: float | None = None
+    fa_deg: float | None = None
+    te_correction: float | TECorrection | None = field(default=None, compare=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sequence", _check_sequence(self.sequence))
+        if self.sequence in ("flair", "irgre") and self.ti_ms is None:
+            raise ValueError(f"{self.sequence} needs an inversion time (ti_ms)")
+        if self.sequence in ("gre", "irgre") and self.fa_deg is None:
+            raise ValueError(f"{self.sequence} needs a flip angle (fa_deg)")
+
+    @property
+    def te_factor(self) -> float:
+        """The TE-correction factor that :func:`signal` applies for this protocol."""
+        if isinstance(self.te_correction, (int, float)) and not isinstance(
+            self.te_correction, bool
+        ):
+            return float(self.te_correction)
+        corr = self.te_correction if isinstance(self.te_correction, TECorrection) else None
+        return te_correction_factor(self.sequence, self.te_ms, corr)
+
+    @property
+    def effective_te_ms(self) -> float:
+        return self.te_ms * self.te_factor
+
+    def with_te_correction(self, te_correction: float | TECorrection | None) -> Protocol:
+        return replace(self, te_correction=te_correction)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "sequence": self.sequence,
+            "tr_ms": self.tr_ms,
+            "te_ms": self.te_ms,
+            "ti_ms": self.ti_ms,
+            "fa_deg": self.fa_deg,
+            "te_correction_factor": self.te_factor,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Protocol:
+        tc = d.get("te_correction", d.get("te_correction_factor"))
+        return cls(
+            sequence=d["sequence"],
+            tr_ms=float(d["tr_ms"]),
+            te_ms=float(d["te_ms"]),
+            ti_ms=None if d.get("ti_ms") is None else float(d["ti_ms"]),
+            fa_deg=None if d.get("fa_deg") is None else float(d["fa_deg"]),
+            te_correction=None if tc is None else float(tc),
+        )
+
+
+def signal(protocol: Protocol, pd: Any, t1_s: Any, t2_s: Any) -> Any:
+    """Synthesise the weighted image of ``protocol`` from PD, T1 (s) and T2 (s) maps."""
+    p = protocol
+    if p.sequence == "gre":
+        return spoiled_gre(pd, t1_s, t2_s, p.tr_ms, p.te_ms, p.fa_deg)
+    if p.sequence == "se":
+        return spin_echo(pd, t1_s, t2_s, p.tr_ms, p.te_ms, 90.0 if p.fa_deg is None else p.fa_deg)
+    if p.sequence == "tse":
+        return tse(pd, t1_s, t2_s, p.tr_ms, p.te_ms, te_correction=p.te_factor)
+    if p.sequence == "flair":
+        return flair(pd, t1_s, t2_s, p.tr_ms, p.te_ms, p.ti_ms, te_correction=p.te_factor)
+    return ir_gre(pd, t1_s, t2_s, p.tr_ms, p.te_ms, p.ti_ms, p.fa_deg)
+
+
+# ---------------------------------------------------------------------------------------------
+# WM reference and the bounded closed-form global scale (seed 2.2.2)
+# ---------------------------------------------------------------------------------------------
+
+
+def wm_reference_signal(protocol: Protocol, reference: Mapping[str, float] | None = None) -> float:
+    """Signal of reference white matter (PD 0.70, T1 0.85 s, T2 0.070 s) for ``protocol``."""
+    ref = dict(WM_REFERENCE if reference is None else reference)
+    return float(signal(protocol, ref["pd"], ref["t1_s"], ref["t2_s"]))
+
+
+def wm_reference_scale(protocol: Protocol, reference: Mapping[str, float] | None = None) -> float:
+    """Reference global scale: maps synthesised signal onto a mode-normalised image (WM ≈ 1)."""
+    s = wm_reference_signal(protocol, reference)
+    if not s > 0:
+        raise ValueError(f"reference WM signal is {s!r} for {protocol}: protocol is degenerate")
+    return 1.0 / s
+
+
+def scale_bounds(reference_scale: Any, bound: float = 0.2) -> tuple[Any, Any]:
+    """The admissible interval ``[(1 − bound)·ref, (1 + bound)·ref]``."""
+    return reference_scale * (1.0 - bound), reference_scale * (1.0 + bound)
+
+
+def ls_global_scale(
+    synth: Any,
+    real: Any,
+    mask: Any | None = None,
+    reference_scale: Any | None = None,
+    bound: float = 0.2,
+    dims: Sequence[int] | None = None,
+) -> Any:
+    """Closed-form least-squares scale ``a = Σ m·f·r / Σ m·f²``, optionally clamped.
+
+    ``synth`` (f) and ``real`` (r) broadcast together; ``mask`` (m) defaults to all ones.
+    ``dims`` are the axes summed over (default: all). With ``reference_scale`` given, ``a`` is
+    clamped to ``[(1 − bound)·ref, (1 + bound)·ref]`` (seed: ±20 %). In torch the gradient
+    flows through ``a`` (it is not detached), as in the published training.
+    """
+    xp = _ns(synth, real, mask, reference_scale)
+    if mask is None:
+        mask = 1.0
+    num = mask * synth * real
+    den = mask * synth * synth
+    if xp is _NUMPY:
+        axis = None if dims is None else tuple(dims)
+        keep = dims is not None
+        a = np.sum(num, axis=axis, keepdims=keep) / (np.sum(den, axis=axis, keepdims=keep) + 1e-12)
+    else:
+        if dims is None:
+            a = num.sum() / (den.sum() + 1e-12)
+        else:
+            a = num.sum(dim=tuple(dims), keepdim=True) / (
+                den.sum(dim=tuple(dims), keepdim=True) + 1e-12
+            )
+    if reference_scale is None:
+        return a
+    lo, hi = scale_bounds(reference_scale, bound)
+    return xp.clamp(a, lo, hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fat/water chemical-shift-encoded magnitude model (seed 004 eq. 5)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FatSpectrum:
+    """Multi-peak fat spectrum: chemical shifts (ppm, water = 0) and relative amplitudes."""
+
+    ppm: tuple[float, ...] = DEFAULT_FAT_PPM
+    relative_amplitudes: tuple[float, ...] = DEFAULT_FAT_RELATIVE_AMPLITUDES
+
+    def __post_init__(self) -> None:
+        if len(self.ppm) != len(self.relative_amplitudes) or not self.ppm:
+            raise ValueError("fat spectrum: ppm and relative_amplitudes must have equal length")
+        total = float(sum(self.relative_amplitudes))
+        if not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-3):
+            raise ValueError(f"fat spectrum amplitudes must sum to 1, got {total:.4f}")
+
+    def frequencies_hz(self, field_t: float) -> np.ndarray:
+        """Peak frequencies in Hz relative to water at ``field_t`` tesla."""
+        return np.asarray(self.ppm) * GYROMAGNETIC_RATIO_MHZ_PER_T * float(field_t)
+
+    def phasor(self, te_ms: Any, field_t: float) -> tuple[np.ndarray, np.ndarray]:
+        """Real and imaginary part of Σ_k a_k exp(i 2π f_k t) at echo times ``te_ms``."""
+        t = np.asarray(te_ms, dtype=np.float64) / 1000.0
+        f = self.frequencies_hz(field_t)
+        amp = np.asarray(self.relative_amplitudes, dtype=np.float64)
+        ph = 2.0 * np.pi * np.multiply.outer(t, f)
+        return (np.cos(ph) * amp).sum(-1), (np.sin(ph) * amp).sum(-1)
+
+
+DEFAULT_FAT_SPECTRUM = FatSpectrum()
+
+
+def cse_magnitude(
+    s0: Any,
+    pdff: Any,
+    r2star_per_s: Any,
+    te_ms: Sequence[float] | np.ndarray,
+    field_t: float,
+    spectrum: FatSpectrum | None = None,
+) -> Any:
+    """Magnitude multi-echo GRE signal of a water/fat voxel.
+
+    S(t) = S0 · |(1 − PDFF) + PDFF · Σ_k a_k e^{i2π f_k t}| · e^{−R2* t}.
+
+    ``s0``, ``pdff``, ``r2star_per_s`` broadcast together (any leading shape); the echo axis
+    is appended last, so the result has shape ``broadcast(s0, pdff, r2*) + (n_echo,)``.
+    """
+    spec = spectrum or DEFAULT_FAT_SPECTRUM
+    cre, cim = spec.phasor(te_ms, field_t)
+    t_s = np.asarray(te_ms, dtype=np.float64) / 1000.0
+    xp, (s0, pdff, r2s) = _prep(s0, pdff, r2star_per_s)
+    cre, cim, t_s = (xp.asarray(v, s0 if _is_torch(s0) else pdff) for v in (cre, cim, t_s))
+    s0, pdff, r2s = s0[..., None], pdff[..., None], r2s[..., None]
+    re = (1.0 - pdff) + pdff * cre
+    im = pdff * cim
+    return s0 * xp.sqrt(re * re + im * im) * xp.exp(-r2s * t_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rician likelihood
+# ---------------------------------------------------------------------------------------------
+
+
+def log_i0(z: Any) -> Any:
+    """log I0(z) computed stably as log(i0e(z)) + |z| (no overflow for large z)."""
+    xp, (z,) = _prep(z)
+    az = xp.abs(z)
+    return xp.log(xp.i0e(az)) + az
+
+
+def rician_nll(
+    measured: Any, predicted: Any, sigma: Any, *, floor: float = 1e-12
+) -> Any:
+    """Element-wise negative Rician log-likelihood of ``measured`` given noise-free ``predicted``.
+
+    −log p(m | ν, σ) = −[log m − log σ² − (m² + ν²)/(2σ²) + log I0(m ν / σ²)].
+    ``measured`` is floored at ``floor`` inside ``log m`` (m = 0 has zero density). Sum over
+    the echo axis (and voxels) yourself. Differentiable in ``predicted`` and ``sigma``.
+    """
+    xp, (m, nu, sigma) = _prep(measured, predicted, sigma)
+    s2 = sigma * sigma
+    return -(
+        xp.log(xp.maximum(m, floor))
+        - xp.log(s2)
+        - (m * m + nu * nu) / (2.0 * s2)
+        + log_i0(m * nu / s2)
+    )
