@@ -1,0 +1,24 @@
+# qmriflow workflow: DICOM archive -> quantitative maps.
+# Thin rules: each calls one `qmriflow <step>`; the science lives in src/qmriflow.
+from snakemake.utils import min_version, validate
+
+from qmriflow.config import schema_path, validate_config
+
+min_version("9.0")
+
+
+configfile: "workflow_config.yaml"
+
+
+# Snakemake's own validation (fills defaults), then ours for a message naming the key.
+validate(config, schema=str(schema_path()))
+config = validate_config(config)
+
+
+include: "rules/common.smk"
+include: "rules/convert.smk"
+
+
+rule all:
+    input:
+        converted_sessions,

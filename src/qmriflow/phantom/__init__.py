@@ -1,0 +1,1 @@
+"""Synthetic phantoms: anatomy, MR signal simulation and scanner-like DICOM export."""
