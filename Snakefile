@@ -1,5 +1,7 @@
 # qmriflow workflow: DICOM archive -> quantitative maps.
 # Thin rules: each calls one `qmriflow <step>`; the science lives in src/qmriflow.
+import os
+
 from snakemake.utils import min_version, validate
 
 from qmriflow.config import schema_path, validate_config
@@ -7,7 +9,7 @@ from qmriflow.config import schema_path, validate_config
 min_version("9.0")
 
 
-configfile: "workflow_config.yaml"
+configfile: os.path.join(workflow.basedir, "workflow_config.yaml")
 
 
 # Snakemake's own validation (fills defaults), then ours for a message naming the key.

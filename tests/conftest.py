@@ -1,0 +1,37 @@
+"""Shared fixtures: one small phantom archive per test session (generated, not stored)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tool_env() -> dict[str, str]:
+    """Environment where ``qmriflow``/``snakemake`` resolve to this interpreter's venv."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+@pytest.fixture(scope="session")
+def phantom_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 subjects × 2 sessions, small size, with the CSE series; seed 11."""
+    from qmriflow.phantom.generate import PhantomOptions, generate_archive
+
+    out = tmp_path_factory.mktemp("phantom")
+    generate_archive(out, PhantomOptions(subjects=2, sessions=2, size="small", seed=11,
+                                         cse=True, workers=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def manifest(phantom_archive: Path) -> dict:
+    from qmriflow.phantom.generate import load_manifest
+
+    return load_manifest(phantom_archive)

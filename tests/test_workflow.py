@@ -1,0 +1,100 @@
+"""The Snakemake workflow: config validation, lint, and a real run on the phantom archive."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qmriflow.config import load_config, validate_config
+from qmriflow.errors import ConfigError
+from qmriflow.phantom.generate import CANARY, CANARY_BIRTH_DATE
+
+from .conftest import REPO, tool_env
+
+
+def _snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile",
+                           str(REPO / "Snakefile"), *args], cwd=cwd, capture_output=True,
+                          text=True, env=tool_env())
+
+
+def test_default_config_is_valid():
+    cfg = load_config(REPO / "workflow_config.yaml")
+    assert cfg["physics"]["te_correction"] == {"tse": 0.90, "flair": 0.42, "flair_short": 0.89,
+                                               "flair_short_te_ms": 200.0}
+
+
+@pytest.mark.parametrize(
+    "bad,key",
+    [
+        ({"physics": {"te_correction": {"tse": "high"}}}, "physics.te_correction.tse"),
+        ({"physics": {"te_corection": {}}}, "physics.te_corection"),
+        ({"dcm2niix": {"timeout_s": 1}}, "dcm2niix.timeout_s"),
+        ({"require_3t": "yes"}, "require_3t"),
+    ],
+)
+def test_config_errors_name_the_key(bad, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config({"input_dir": "x", **bad})
+
+
+def test_snakemake_rejects_wrong_key_at_parse_time(tmp_path):
+    cfg = yaml.safe_load((REPO / "workflow_config.yaml").read_text())
+    cfg["physics"]["scale_bonud"] = 0.3
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    res = _snakemake("-n", "--configfile", str(tmp_path / "c.yaml"), cwd=tmp_path)
+    assert res.returncode != 0
+    assert "scale_bonud" in res.stdout + res.stderr
+
+
+def test_snakemake_lint_is_clean(tmp_path):
+    (tmp_path / "archive").mkdir()
+    res = _snakemake("--lint", "--config", f"input_dir={tmp_path / 'archive'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Lints for" not in res.stdout + res.stderr
+    assert "your workflow is in a good condition" in res.stdout + res.stderr
+
+
+def test_ruff_check_is_clean():
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True,
+                         text=True, cwd=REPO)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_workflow_discovers_and_converts_every_session(phantom_archive, manifest, tmp_path):
+    cfg = {"input_dir": str(phantom_archive / "dicom"), "output_dir": str(tmp_path / "res"),
+           "work_dir": str(tmp_path / "work"), "pseudonym_salt": "test-salt-123"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    res = _snakemake("--cores", "2", "--configfile", str(tmp_path / "c.yaml"), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    sessions = sorted((tmp_path / "work" / "nifti").glob("sub-*/ses-*"))
+    assert len(sessions) == 4
+    n_series = sum(len(r["protocol"].get("echo_times_ms") or [1]) for r in manifest["series"])
+    niftis = list((tmp_path / "work" / "nifti").rglob("*.nii.gz"))
+    assert len(niftis) == n_series
+    for s in sessions:
+        conv = json.loads((s / "conversion.json").read_text())
+        assert conv["tool"] == "dcm2niix" and conv["anonymised"] is True
+    # no identifier anywhere: names, logs, sidecars, tables, NIfTI headers
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            if f.name.endswith(".gz"):
+                data = gzip.decompress(data)
+            assert CANARY.encode() not in data, f
+            assert CANARY_BIRTH_DATE.encode() not in data, f
+            assert CANARY not in str(f)
+    # pseudonyms are stable for a salt and change with it
+    tsv = (tmp_path / "work" / "sessions.tsv").read_text()
+    from qmriflow.discover import discover_dicom
+
+    again = discover_dicom(phantom_archive / "dicom", "test-salt-123")
+    assert all(r["subject"] in tsv and r["session"] in tsv for r in again)
+    other = discover_dicom(phantom_archive / "dicom", "another-salt-456")
+    assert not any(r["subject"] in tsv for r in other)
