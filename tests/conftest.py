@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from qmriflow.demo import tool_env
+
+__all__ = ["tool_env"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def tool_env() -> dict[str, str]:
-    """Environment where ``qmriflow``/``snakemake`` resolve to this interpreter's venv."""
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return env
 
 
 @pytest.fixture(scope="session")

@@ -106,3 +106,11 @@ def test_phantom_cli_small_single_session(tmp_path):
     m = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert [r["role"] for r in m["series"]] == ["t1w", "t2w", "flair"]
     assert m["options"]["seed"] == 3
+
+
+@pytest.mark.parametrize("args,needle", [(["--subjects", "0"], "at least one subject"),
+                                         (["--snr", "-3"], "SNR must be positive")])
+def test_phantom_cli_refuses_absurd_options(tmp_path, args, needle):
+    res = _run("phantom", str(tmp_path / "p"), *args)
+    assert res.returncode == 1 and needle in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

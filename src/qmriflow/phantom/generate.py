@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..errors import InputError
 from ..io import save_nifti, write_json
 from ..physics import signal
 from .anatomy import SubjectAnatomy, build_subject
@@ -437,9 +438,11 @@ def generate_archive(out: str | Path, opts: PhantomOptions) -> dict[str, Any]:
     """Generate the archive; returns the manifest (also written to ``OUT/manifest.json``)."""
     out = Path(out)
     if opts.size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}")
+        raise InputError(f"size must be one of {sorted(SIZES)}")
     if opts.subjects < 1 or opts.sessions < 1:
-        raise ValueError("need at least one subject and one session")
+        raise InputError("need at least one subject and one session")
+    if not (opts.snr > 0 and opts.cse_snr > 0):
+        raise InputError("SNR must be positive")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     jobs = [(out, opts, i) for i in range(opts.subjects)]

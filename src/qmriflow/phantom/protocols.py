@@ -7,7 +7,7 @@ inside Table 1's ranges), so that scanner and protocol groups exist in every arc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -159,19 +159,9 @@ def draw_session_protocols(
         ),
     ]
     if post_gd_t1w:
-        series.append(
-            SeriesProtocol(
-                role="t1w_gd",
-                protocol=Protocol("gre", t1_tr, t1_te, fa_deg=10.0),
-                description="T1W_3D_FFE +C",
-                acquisition="3D",
-                scanning_sequence="GR",
-                sequence_variant="SP",
-                echo_train_length=1,
-                contrast_agent=GD_AGENT,
-                pixel_bandwidth=541.0,
-            )
-        )
+        # same protocol as the pre-contrast T1w, acquired after gadolinium
+        series.append(replace(series[0], role="t1w_gd", description="T1W_3D_FFE +C",
+                              contrast_agent=GD_AGENT, extra={}))
     if cse:
         dte = 1.15 * 3.0 / field_t
         series.append(
