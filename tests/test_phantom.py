@@ -119,6 +119,32 @@ def test_nifti_affine_places_truth_maps(phantom_archive, manifest, converted):
         assert np.abs(conv.affine[:3, :3] @ com - truth.affine[:3, :3] @ com).max() < 0.5
 
 
+def test_registration_truth_transform_aligns_truth_maps(phantom_archive, manifest):
+    """Resampling a series' truth through world_to_t2w_world reproduces the T2w's truth."""
+    from scipy import ndimage
+
+    for r in manifest["series"]:
+        if r["role"] not in ("t1w", "flair"):
+            continue
+        t2 = next(s for s in manifest["series"] if s["role"] == "t2w"
+                  and (s["subject"], s["session"]) == (r["subject"], r["session"]))
+        assert np.allclose(t2["world_to_t2w_world"], np.eye(4))
+        src = _truth(phantom_archive, r, "brainmask")
+        dst = _truth(phantom_archive, t2, "brainmask")
+        # T2w voxel -> T2w world -> series world -> series voxel
+        m = np.linalg.inv(src.affine) @ np.linalg.inv(np.array(r["world_to_t2w_world"])) \
+            @ dst.affine
+        moved = ndimage.affine_transform(src.get_fdata(), m, order=1, output_shape=dst.shape)
+        a, b = moved > 0.5, dst.get_fdata() > 0
+        dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+        assert dice > 0.9, (r["series"], dice)
+        # without the transform (identity in world) the masks agree clearly less well
+        m0 = np.linalg.inv(src.affine) @ dst.affine
+        moved0 = ndimage.affine_transform(src.get_fdata(), m0, order=1, output_shape=dst.shape)
+        a0 = moved0 > 0.5
+        assert 2 * (a0 & b).sum() / (a0.sum() + b.sum()) < dice
+
+
 def test_truth_world_coordinates_match_original_affine(phantom_archive, manifest):
     for r in manifest["series"]:
         img = _truth(phantom_archive, r, "dseg")

@@ -429,8 +429,15 @@ def _acquire_session(
         else:
             row["snr"] = opts.cse_snr
             row["field_strength_t"] = 3.0
-        write_json(tdir / "series.json", row)
         rows.append(row)
+    # Registration truth: maps a point's world position in this series to its world position
+    # in the session's T2w (the registration target of the pipeline).
+    t2w_pose = next((np.array(r["head_pose"]) for r in rows if r["role"] == "t2w"), None)
+    for row in rows:
+        if "head_pose" in row and t2w_pose is not None:
+            row["world_to_t2w_world"] = (t2w_pose @ np.linalg.inv(np.array(row["head_pose"]))
+                                         ).tolist()
+        write_json(out / row["truth_dir"] / "series.json", row)
     return rows
 
 
