@@ -17,6 +17,10 @@ validate(config, schema=str(schema_path()))
 config = validate_config(config)
 
 
+localrules:
+    all,
+
+
 include: "rules/common.smk"
 include: "rules/convert.smk"
 
