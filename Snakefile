@@ -19,12 +19,29 @@ config = validate_config(config)
 
 localrules:
     all,
+    all_params,
 
 
 include: "rules/common.smk"
 include: "rules/convert.smk"
+include: "rules/preproc.smk"
 
 
 rule all:
     input:
-        converted_sessions,
+        final_outputs,
+        OUT / "dataset_description.json",
+
+
+# Discovery, conversion and parameter validation only (quick archive check).
+rule all_params:
+    input:
+        params_outputs,
+
+
+onsuccess:
+    shell(f"qmriflow failures {FAILURES} {OUT / 'failures.tsv'}")
+
+
+onerror:
+    shell(f"qmriflow failures {FAILURES} {OUT / 'failures.tsv'}")

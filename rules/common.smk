@@ -1,4 +1,4 @@
-# Shared helpers: paths and the sessions table produced by the `discover` checkpoint.
+# Shared helpers: paths, session labels, and the tables produced by the `discover` checkpoint.
 from pathlib import Path
 
 from qmriflow.discover import read_sessions_tsv
@@ -7,15 +7,42 @@ OUT = Path(config["output_dir"])
 WORK = Path(config["work_dir"])
 INPUT = Path(config["input_dir"])
 LOGS = WORK / "logs"
+FAILURES = WORK / "failures"
+PROV = WORK / "provenance"
+SES = "sub-{subject}_ses-{session}"
+ANAT = OUT / "sub-{subject}" / "ses-{session}" / "anat"
+CPU_IMAGE = config["containers"]["cpu"]
 
 
 def sessions():
-    """(subject, session) pairs discovered in the archive."""
-    tsv = checkpoints.discover.get().output.tsv
+    """(subject, session) pairs discovered in the archive (complete or not: an incomplete or
+    corrupt session still gets jobs, whose first step fails with its one-line reason)."""
+    tsv = checkpoints.discover.get().output.sessions
     return [(r["subject"], r["session"]) for r in read_sessions_tsv(tsv)]
 
 
-def converted_sessions(wildcards):
-    return [
-        str(WORK / "nifti" / f"sub-{sub}" / f"ses-{ses}") for sub, ses in sessions()
+def session_targets(pattern):
+    return [str(pattern).format(subject=sub, session=ses) for sub, ses in sessions()]
+
+
+def final_outputs(wildcards):
+    """What `rule all` asks for, per discovered session."""
+    patterns = [
+        ANAT / f"{SES}_space-T2w_desc-preproc_T1w.nii.gz",
+        ANAT / f"{SES}_space-T2w_desc-brain_mask.nii.gz",
+        ANAT / f"{SES}_space-T2w_dseg.nii.gz",
+        OUT / "sub-{subject}" / "ses-{session}" / f"{SES}_desc-provenance.json",
     ]
+    return [t for p in patterns for t in session_targets(p)]
+
+
+def params_outputs(wildcards):
+    pattern = OUT / "sub-{subject}" / "ses-{session}" / f"{SES}_desc-protocol_params.json"
+    return session_targets(pattern)
+
+
+def session_flags(wildcards):
+    return (
+        f"--subject {wildcards.subject} --session {wildcards.session} "
+        f"--failures {FAILURES}"
+    )

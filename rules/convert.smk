@@ -1,41 +1,75 @@
-# Archive discovery and DICOM -> NIfTI conversion (dcm2niix, anonymised sidecars).
+# Archive discovery, DICOM -> NIfTI conversion (dcm2niix, anonymised sidecars), parameters.
 
 
 checkpoint discover:
     input:
         INPUT,
     output:
-        tsv=WORK / "sessions.tsv",
+        sessions=WORK / "sessions.tsv",
+        series=WORK / "series.tsv",
     params:
         salt=config["pseudonym_salt"],
+        fmt=config["input_format"],
     log:
         LOGS / "discover.log",
     threads: 1
     resources:
         mem_mb=config["resources"]["discover_mem_mb"],
     container:
-        config["containers"]["cpu"]
+        CPU_IMAGE
     shell:
-        "qmriflow discover {input} {output.tsv} --salt {params.salt:q} &> {log}"
+        "qmriflow discover {input} {output.sessions} {output.series} "
+        "--salt {params.salt:q} --input-format {params.fmt} &> {log}"
 
 
 rule convert:
     input:
-        tsv=WORK / "sessions.tsv",
+        sessions=WORK / "sessions.tsv",
+        series=WORK / "series.tsv",
     output:
-        directory(WORK / "nifti" / "sub-{subject}" / "ses-{session}"),
+        session=directory(WORK / "nifti" / "sub-{subject}" / "ses-{session}"),
+        prov=PROV / f"{SES}_convert.json",
     params:
         archive=INPUT,
+        fmt=config["input_format"],
         timeout=config["dcm2niix"]["timeout_s"],
         anon="" if config["dcm2niix"]["anonymise"] else "--no-anonymise",
+        flags=session_flags,
+    benchmark:
+        WORK / "benchmarks" / "convert" / f"{SES}.tsv"
     log:
-        LOGS / "convert" / "sub-{subject}_ses-{session}.log",
+        LOGS / "convert" / f"{SES}.log",
     threads: 1
     resources:
         mem_mb=config["resources"]["convert_mem_mb"],
     container:
-        config["containers"]["cpu"]
+        CPU_IMAGE
     shell:
-        "qmriflow convert {input.tsv} {params.archive} {output} "
-        "--subject {wildcards.subject} --session {wildcards.session} "
-        "--timeout {params.timeout} {params.anon} &> {log}"
+        "qmriflow convert {input.sessions} {input.series} {params.archive} {output.session} "
+        "--input-format {params.fmt} --timeout {params.timeout} {params.anon} "
+        "{params.flags} --provenance {output.prov} &> {log}"
+
+
+rule params:
+    input:
+        session=WORK / "nifti" / "sub-{subject}" / "ses-{session}",
+        series=WORK / "series.tsv",
+    output:
+        params=OUT / "sub-{subject}" / "ses-{session}" / f"{SES}_desc-protocol_params.json",
+        prov=PROV / f"{SES}_params.json",
+    params:
+        non3t="" if config["require_3t"] else "--allow-non-3t",
+        tec=",".join(f"{k}={v}" for k, v in config["physics"]["te_correction"].items()),
+        flags=session_flags,
+    benchmark:
+        WORK / "benchmarks" / "params" / f"{SES}.tsv"
+    log:
+        LOGS / "params" / f"{SES}.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+    container:
+        CPU_IMAGE
+    shell:
+        "qmriflow params {input.session} {input.series} {output.params} {params.non3t} "
+        "--te-correction {params.tec} {params.flags} --provenance {output.prov} &> {log}"

@@ -71,16 +71,25 @@ def test_workflow_discovers_and_converts_every_session(phantom_archive, manifest
     cfg = {"input_dir": str(phantom_archive / "dicom"), "output_dir": str(tmp_path / "res"),
            "work_dir": str(tmp_path / "work"), "pseudonym_salt": "test-salt-123"}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    res = _snakemake("--cores", "2", "--configfile", str(tmp_path / "c.yaml"), cwd=tmp_path)
+    res = _snakemake("all_params", "--cores", "2", "--configfile", str(tmp_path / "c.yaml"),
+                     cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     sessions = sorted((tmp_path / "work" / "nifti").glob("sub-*/ses-*"))
     assert len(sessions) == 4
-    n_series = sum(len(r["protocol"].get("echo_times_ms") or [1]) for r in manifest["series"])
-    niftis = list((tmp_path / "work" / "nifti").rglob("*.nii.gz"))
-    assert len(niftis) == n_series
+    # selected series only: T1w, T2w, FLAIR and the 6 echoes of the CSE series (the post-Gd
+    # T1w of the tumour subject is excluded)
     for s in sessions:
+        names = sorted(p.name for p in s.glob("*.nii.gz"))
+        label = f"{s.parent.name}_{s.name}"
+        assert [n for n in names if "MEGRE" not in n] == [
+            f"{label}_FLAIR.nii.gz", f"{label}_T1w.nii.gz", f"{label}_T2w.nii.gz"]
+        assert len([n for n in names if "MEGRE" in n]) == 6
         conv = json.loads((s / "conversion.json").read_text())
         assert conv["tool"] == "dcm2niix" and conv["anonymised"] is True
+        params = json.loads((tmp_path / "res" / s.parent.name / s.name /
+                             f"{label}_desc-protocol_params.json").read_text())
+        assert params["flair"]["ti_ms"] == 1650 and params["t2w"]["te_correction_factor"] == 0.9
+    assert (tmp_path / "res" / "failures.tsv").read_text().strip().count("\n") == 0
     # no identifier anywhere: names, logs, sidecars, tables, NIfTI headers
     for f in tmp_path.rglob("*"):
         if f.is_file():
@@ -92,9 +101,9 @@ def test_workflow_discovers_and_converts_every_session(phantom_archive, manifest
             assert CANARY not in str(f)
     # pseudonyms are stable for a salt and change with it
     tsv = (tmp_path / "work" / "sessions.tsv").read_text()
-    from qmriflow.discover import discover_dicom
+    from qmriflow.discover import discover
 
-    again = discover_dicom(phantom_archive / "dicom", "test-salt-123")
+    again, _ = discover(phantom_archive / "dicom", "test-salt-123")
     assert all(r["subject"] in tsv and r["session"] in tsv for r in again)
-    other = discover_dicom(phantom_archive / "dicom", "another-salt-456")
+    other, _ = discover(phantom_archive / "dicom", "another-salt-456")
     assert not any(r["subject"] in tsv for r in other)

@@ -102,69 +102,289 @@ def _synth(a: argparse.Namespace) -> int:
 
 def _discover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input_dir", type=Path)
-    p.add_argument("out_tsv", type=Path)
+    p.add_argument("sessions_tsv", type=Path)
+    p.add_argument("series_tsv", type=Path)
     p.add_argument("--salt", required=True, help="secret pseudonymisation salt")
+    p.add_argument("--input-format", choices=["dicom", "bids"], default="dicom")
 
 
-@command("discover", "group an archive's DICOM series into pseudonymous sessions (TSV)")
+@command("discover", "find sessions and classify series in an archive (sessions/series TSV)")
 @arguments(_discover_args)
 def _discover(a: argparse.Namespace) -> int:
-    from .discover import discover_dicom, write_sessions_tsv
+    from .discover import discover, write_tables
 
-    rows = discover_dicom(a.input_dir, a.salt)
-    write_sessions_tsv(rows, a.out_tsv)
-    print(f"{len(rows)} session(s) in {a.input_dir}")
+    sessions, series = discover(a.input_dir, a.salt, input_format=a.input_format)
+    write_tables(sessions, series, a.sessions_tsv, a.series_tsv)
+    ok = sum(1 for r in sessions if r.get("status") == "ok")
+    print(f"{len(sessions)} session(s), {ok} complete, {len(series)} series in {a.input_dir}")
     return 0
+
+
+def _session_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--subject", required=True, help="subject pseudonym (without sub-)")
+    p.add_argument("--session", required=True, help="session pseudonym (without ses-)")
+    p.add_argument("--failures", type=Path, help="folder for this run's failure records")
+    p.add_argument("--provenance", type=Path, help="write this step's provenance JSON here")
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("sessions_tsv", type=Path)
+    p.add_argument("series_tsv", type=Path)
     p.add_argument("input_dir", type=Path)
     p.add_argument("out_dir", type=Path, help="session folder to create")
-    p.add_argument("--subject", required=True)
-    p.add_argument("--session", required=True)
+    p.add_argument("--input-format", choices=["dicom", "bids"], default="dicom")
     p.add_argument("--no-anonymise", action="store_true")
     p.add_argument("--timeout", type=float, default=600)
+    _session_args(p)
 
 
-@command("convert", "convert one session's DICOM series to NIfTI + sidecars (dcm2niix)")
+@command("convert", "convert one session's selected series to role-named NIfTI (dcm2niix)")
 @arguments(_convert_args)
 def _convert(a: argparse.Namespace) -> int:
-    import shutil
-    import tempfile
+    from .discover import read_series_tsv, read_sessions_tsv
+    from .ingest import ingest_session
 
-    from .convert import dcm2niix_version, run_dcm2niix
-    from .discover import read_sessions_tsv
-    from .io import write_json
-
-    label = f"sub-{a.subject}_ses-{a.session}"
-    rows = [r for r in read_sessions_tsv(a.sessions_tsv)
-            if r["subject"] == a.subject and r["session"] == a.session]
-    if not rows:
-        raise InputError("session not in the sessions table", session=label,
-                         path=a.sessions_tsv)
-    a.out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{label}.", dir=a.out_dir.parent))
-    try:
-        images = []
-        for rel in rows[0]["series_dirs"].split(";"):
-            try:
-                conv = run_dcm2niix(a.input_dir / rel, tmp, anonymise=not a.no_anonymise,
-                                    timeout_s=a.timeout)
-            except QmriflowError as exc:
-                raise exc.with_context(session=label) from None
-            images += [{"series_dir": rel, "nifti": c.nifti.name} for c in conv]
-        write_json(tmp / "conversion.json", {
-            "session": label, "tool": "dcm2niix", "version": dcm2niix_version(),
-            "anonymised": not a.no_anonymise, "images": images,
-        })
-        if a.out_dir.exists():
-            shutil.rmtree(a.out_dir)
-        tmp.rename(a.out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{label}: {len(images)} image(s)")
+    summary = ingest_session(
+        a.subject, a.session, read_sessions_tsv(a.sessions_tsv), read_series_tsv(a.series_tsv),
+        a.input_dir, a.out_dir, input_format=a.input_format, anonymise=not a.no_anonymise,
+        timeout_s=a.timeout,
+    )
+    _provenance(a, "convert", {k: v for k, v in summary.items() if k != "session"})
+    print(f"{summary['session']}: {len(summary['images'])} image(s)")
     return 0
+
+
+def _params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("session_dir", type=Path, help="converted session folder")
+    p.add_argument("series_tsv", type=Path)
+    p.add_argument("out_json", type=Path)
+    p.add_argument("--allow-non-3t", action="store_true", help="do not require 3 T")
+    p.add_argument("--te-correction", default="",
+                   help="comma list, e.g. tse=0.9,flair=0.42,flair_short=0.89,"
+                        "flair_short_te_ms=200")
+    _session_args(p)
+
+
+@command("params", "extract and validate one session's acquisition parameters (JSON)")
+@arguments(_params_args)
+def _params(a: argparse.Namespace) -> int:
+    from .discover import read_series_tsv
+    from .ingest import converted_sidecars, session_label
+    from .io import write_json
+    from .params import extract_session_params
+    from .physics import TECorrection
+
+    label = session_label(a.subject, a.session)
+    try:
+        tec = TECorrection(**{k: float(v) for k, v in
+                              (kv.split("=") for kv in a.te_correction.split(",") if kv)})
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"bad --te-correction: {exc}", session=label) from None
+    rows = [r for r in read_series_tsv(a.series_tsv)
+            if r["subject"] == a.subject and r["session"] == a.session]
+    params = extract_session_params(converted_sidecars(a.session_dir), rows,
+                                    require_3t=not a.allow_non_3t, te_correction=tec,
+                                    session=label)
+    write_json(a.out_json, params)
+    _provenance(a, "params", {"require_3t": not a.allow_non_3t,
+                              "te_correction": tec.__dict__})
+    print(f"{label}: parameters valid")
+    return 0
+
+
+def _register_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--t1w", type=Path, required=True)
+    p.add_argument("--t2w", type=Path, required=True)
+    p.add_argument("--flair", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--inplane-mm", type=float, default=1.0)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=1)
+    _session_args(p)
+
+
+@command("register", "register T1w and FLAIR to the T2w, resample to 1x1 mm, crop to 224x224")
+@arguments(_register_args)
+def _register(a: argparse.Namespace) -> int:
+    from .ingest import session_label
+    from .preproc.register import register_session
+
+    label = session_label(a.subject, a.session)
+    d = a.out_dir
+    outputs = {"T1w": d / f"{label}_space-T2w_desc-reg_T1w.nii.gz",
+               "T2w": d / f"{label}_space-T2w_desc-reg_T2w.nii.gz",
+               "FLAIR": d / f"{label}_space-T2w_desc-reg_FLAIR.nii.gz",
+               "T1w_xfm": d / f"{label}_from-T1w_to-T2w_mode-image_xfm.mat",
+               "FLAIR_xfm": d / f"{label}_from-FLAIR_to-T2w_mode-image_xfm.mat"}
+    info = _with_session(label, lambda: register_session(
+        a.t2w, a.t1w, a.flair, outputs, d / ".work", inplane_mm=a.inplane_mm, size=a.size,
+        threads=a.threads))
+    _provenance(a, "register", info)
+    print(f"{label}: registered to T2w")
+    return 0
+
+
+def _n4_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--t1w", type=Path, required=True)
+    p.add_argument("--t2w", type=Path, required=True)
+    p.add_argument("--flair", type=Path, required=True)
+    p.add_argument("--out-t1w", type=Path, required=True)
+    p.add_argument("--out-t2w", type=Path, required=True)
+    p.add_argument("--out-flair", type=Path, required=True)
+    p.add_argument("--min-area-fraction", type=float, default=0.15)
+    p.add_argument("--drop-fraction", type=float, default=0.0)
+    p.add_argument("--shrink", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    _session_args(p)
+
+
+@command("n4", "N4 bias-field correction of the three contrasts and end-slice selection")
+@arguments(_n4_args)
+def _n4(a: argparse.Namespace) -> int:
+    from .ingest import session_label
+    from .preproc.n4 import n4_session
+
+    label = session_label(a.subject, a.session)
+    info = _with_session(label, lambda: n4_session(
+        {"T1w": a.t1w, "T2w": a.t2w, "FLAIR": a.flair},
+        {"T1w": a.out_t1w, "T2w": a.out_t2w, "FLAIR": a.out_flair},
+        min_area_fraction=a.min_area_fraction, drop_fraction=a.drop_fraction, shrink=a.shrink,
+        threads=a.threads))
+    _provenance(a, "n4", info)
+    print(f"{label}: N4 done")
+    return 0
+
+
+def _skullstrip_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("t1w", type=Path)
+    p.add_argument("out_mask", type=Path)
+    p.add_argument("--backend", choices=["hd-bet", "deepbet", "hd-bet2"], default="hd-bet")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let hd-bet2 download its weights (off by default)")
+    p.add_argument("--threads", type=int, default=1)
+    _session_args(p)
+
+
+@command("skullstrip", "brain mask of the registered T1w (HD-BET, deepbet)")
+@arguments(_skullstrip_args)
+def _skullstrip(a: argparse.Namespace) -> int:
+    from .ingest import session_label
+    from .preproc.skullstrip import skull_strip
+
+    label = session_label(a.subject, a.session)
+    info = _with_session(label, lambda: skull_strip(
+        a.t1w, a.out_mask, backend=a.backend, device=a.device,
+        allow_download=a.allow_download, threads=a.threads))
+    _provenance(a, "skullstrip", info)
+    print(f"{label}: brain mask ({a.backend})")
+    return 0
+
+
+def _segment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("t1w", type=Path)
+    p.add_argument("mask", type=Path)
+    p.add_argument("--out-prefix", required=True, help="path prefix of the outputs")
+    p.add_argument("--t2w", type=Path)
+    p.add_argument("--flair", type=Path)
+    p.add_argument("--backend", choices=["atropos", "fast"], default="atropos")
+    p.add_argument("--erode-mm", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=1)
+    _session_args(p)
+
+
+@command("segment", "WM/GM/CSF segmentation (Atropos or FSL FAST) and CSF-distance erosion")
+@arguments(_segment_args)
+def _segment(a: argparse.Namespace) -> int:
+    import nibabel as nib
+    import numpy as np
+
+    from .ingest import session_label
+    from .io import save_nifti
+    from .preproc.segment import erode_near_csf, segment
+
+    label = session_label(a.subject, a.session)
+    pre = a.out_prefix
+    outputs = {"dseg": Path(f"{pre}_dseg.nii.gz")}
+    for t in ("GM", "WM", "CSF"):
+        outputs[f"probseg_{t}"] = Path(f"{pre}_label-{t}_probseg.nii.gz")
+    extra = {k: v for k, v in (("T2w", a.t2w), ("FLAIR", a.flair)) if v is not None}
+
+    def run() -> dict:
+        info = segment(a.t1w, a.mask, outputs, extra=extra or None, backend=a.backend,
+                       threads=a.threads)
+        img = nib.load(str(outputs["dseg"]))
+        wm, gm = erode_near_csf(np.asarray(img.dataobj), img.header.get_zooms()[:3],
+                                distance_mm=a.erode_mm)
+        for name, m in (("WM", wm), ("GM", gm)):
+            save_nifti(f"{pre}_label-{name}_desc-eroded_mask.nii.gz", m, img.affine,
+                       {"Description": f"{name} mask eroded where within {a.erode_mm} mm of CSF",
+                        "Sources": [str(outputs["dseg"])]}, dtype=np.uint8)
+        return {**info, "erode_mm": a.erode_mm}
+
+    info = _with_session(label, run)
+    _provenance(a, "segment", info)
+    print(f"{label}: segmentation ({a.backend})")
+    return 0
+
+
+def _provmerge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_json", type=Path)
+    p.add_argument("steps", type=Path, nargs="+", help="per-step provenance JSON files")
+    p.add_argument("--label", required=True, help="sub-X_ses-Y")
+
+
+@command("provenance", "merge a session's per-step provenance into one JSON")
+@arguments(_provmerge_args)
+def _provmerge(a: argparse.Namespace) -> int:
+    from .io import write_json
+    from .provenance import merge_steps
+
+    write_json(a.out_json, merge_steps(a.steps, a.label))
+    return 0
+
+
+def _dd_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--container", default=None)
+
+
+@command("dataset-description", "write the derivatives' dataset_description.json")
+@arguments(_dd_args)
+def _dd(a: argparse.Namespace) -> int:
+    from .provenance import write_dataset_description
+
+    write_dataset_description(a.out_dir, a.container)
+    return 0
+
+
+def _failures_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("failures_dir", type=Path)
+    p.add_argument("out_tsv", type=Path)
+
+
+@command("failures", "collect this run's failed sessions and reasons into a TSV")
+@arguments(_failures_args)
+def _failures(a: argparse.Namespace) -> int:
+    from .failures import write_failures_tsv
+
+    n = write_failures_tsv(a.failures_dir, a.out_tsv)
+    print(f"{n} failed step(s) listed in {a.out_tsv}")
+    return 0
+
+
+def _with_session(label: str, fn: Callable[[], dict]) -> dict:
+    try:
+        return fn()
+    except QmriflowError as exc:
+        raise exc.with_context(session=label) from None
+
+
+def _provenance(a: argparse.Namespace, step: str, info: dict) -> None:
+    if getattr(a, "provenance", None):
+        from .provenance import write_step
+
+        write_step(a.provenance, step, info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,11 +444,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _help, _conf, fn = _COMMANDS[args.command]
+    failures = getattr(args, "failures", None)
+    label = (f"sub-{args.subject}_ses-{args.session}"
+             if getattr(args, "subject", None) and getattr(args, "session", None) else None)
     try:
-        return fn(args)
+        rc = fn(args)
     except QmriflowError as exc:
+        if failures is not None and label:
+            from .failures import record_failure
+
+            record_failure(failures, label, args.command, str(exc))
         print(f"qmriflow {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        # a bug or an unforeseen tool failure: keep the traceback in the log, and still list
+        # the session in this run's failures table
+        if failures is not None and label:
+            from .failures import record_failure
+
+            first = (str(exc).splitlines() or [""])[0][:300]
+            record_failure(failures, label, args.command,
+                           f"unexpected error in {args.command}: {type(exc).__name__}: {first}")
+        raise
+    if failures is not None and label:
+        from .failures import clear_failure
+
+        clear_failure(failures, label, args.command)
+    return rc
 
 
 if __name__ == "__main__":  # pragma: no cover

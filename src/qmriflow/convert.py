@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, InputError, ToolError
-from .io import sidecar_path
+from .io import sidecar_path, write_json
 
 __all__ = [
     "ConvertedImage",
@@ -197,6 +197,28 @@ def _phi_strings(series_dir: Path, max_files: int = 5) -> list[str]:
     return sorted((s for s in found if len(s) >= 3), key=len, reverse=True)
 
 
+# Sidecar fields that can carry free text typed at the scanner console (some sites type the
+# patient ID into StudyDescription): kept only when they contain no identifier.
+def scrub_sidecar(meta: dict[str, Any], phi: list[str]) -> dict[str, Any]:
+    """Remove every sidecar string value that contains a patient identifier of the series.
+
+    dcm2niix's ``-ba y`` drops the patient fields themselves, but free-text fields
+    (StudyDescription, ProcedureStepDescription, ImageComments, ...) may repeat them.
+    """
+    if not phi:
+        return meta
+    pats = [re.compile(re.escape(v), re.IGNORECASE) for v in phi]
+
+    def dirty(v: Any) -> bool:
+        if isinstance(v, str):
+            return any(p.search(v) for p in pats)
+        if isinstance(v, list):
+            return any(dirty(x) for x in v)
+        return False
+
+    return {k: v for k, v in meta.items() if not dirty(v)}
+
+
 def _scrub(text: str, phi: list[str]) -> str:
     for value in phi:
         text = re.sub(re.escape(value), "<redacted>", text, flags=re.IGNORECASE)
@@ -310,6 +332,11 @@ def run_dcm2niix(
             except (OSError, ValueError) as exc:
                 raise ToolError(f"unreadable dcm2niix sidecar {side.name}: {exc}",
                                 path=series_dir) from None
+            if anonymise:
+                if phi is None:
+                    phi = _phi_strings(series_dir)
+                meta = scrub_sidecar(meta, phi)
+                write_json(side, meta)
             results.append(ConvertedImage(nifti=final, sidecar=side, metadata=meta))
         return results
     except BaseException:

@@ -1,0 +1,174 @@
+"""Bring one session into the work folder: its selected series as role-named NIfTI + sidecars.
+
+DICOM input: each selected series' files (exactly those of its SeriesInstanceUID, even when a
+folder holds several series) are linked into a scratch folder and converted with dcm2niix
+(anonymised sidecars). BIDS input: the NIfTI + JSON pairs are copied. Names inside the session
+folder (``sub-<S>_ses-<V>_T1w.nii.gz``, ``_T2w``, ``_FLAIR``, and
+``_acq-<series>_echo-<n>_MEGRE`` for multi-echo GRE magnitude) are what later steps read.
+The session folder appears only when everything converted (atomic rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .convert import ConvertedImage, dcm2niix_version, run_dcm2niix
+from .errors import InputError, QmriflowError
+from .io import sidecar_path, write_json
+
+ROLE_SUFFIX = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR"}
+REQUIRED_ROLES = ("t1w", "t2w", "flair")
+
+
+def session_label(subject: str, session: str) -> str:
+    return f"sub-{subject}_ses-{session}"
+
+
+def _is_magnitude(meta: dict[str, Any]) -> bool:
+    it = [str(x).upper() for x in meta.get("ImageType", [])]
+    return not any(x in ("P", "PHASE", "REAL", "IMAGINARY") for x in it)
+
+
+def _move_pair(img: ConvertedImage | Path, dest_nifti: Path) -> None:
+    src = img.nifti if isinstance(img, ConvertedImage) else Path(img)
+    os.replace(src, dest_nifti)
+    os.replace(sidecar_path(src), sidecar_path(dest_nifti))
+
+
+def _echo_number(meta: dict[str, Any], default: int) -> int:
+    try:
+        return int(meta.get("EchoNumber", default))
+    except (TypeError, ValueError):
+        return default
+
+
+def ingest_session(
+    subject: str,
+    session: str,
+    sessions_rows: list[dict[str, str]],
+    series_rows: list[dict[str, str]],
+    input_dir: Path,
+    out_dir: Path,
+    *,
+    input_format: str = "dicom",
+    anonymise: bool = True,
+    timeout_s: float = 600,
+) -> dict[str, Any]:
+    """Convert (or copy) the session's selected series into ``out_dir``; return a summary."""
+
+    label = session_label(subject, session)
+    rows = [r for r in sessions_rows if r["subject"] == subject and r["session"] == session]
+    if not rows:
+        raise InputError("session not in the sessions table", session=label)
+    srow = rows[0]
+    status = srow.get("status", "ok")
+    if status != "ok":
+        raise InputError(status, session=label)
+    series_by_id = {r["series_id"]: r for r in series_rows
+                    if r["subject"] == subject and r["session"] == session}
+    wanted: list[tuple[str, str]] = [(role, srow[role]) for role in REQUIRED_ROLES]
+    wanted += [("megre", sid) for sid in (srow.get("megre") or "").split(";") if sid]
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{label}.", dir=out_dir.parent))
+    images: list[dict[str, Any]] = []
+    try:
+        for role, sid in wanted:
+            row = series_by_id.get(sid)
+            if row is None:
+                raise InputError(f"series {sid} for {role} missing from the series table",
+                                 session=label)
+            try:
+                images += _ingest_series(label, role, row, input_dir, tmp, input_format,
+                                         anonymise, timeout_s)
+            except QmriflowError as exc:
+                raise exc.with_context(session=label) from None
+        summary = {
+            "session": label,
+            "input_format": input_format,
+            "tool": "dcm2niix" if input_format == "dicom" else "copy",
+            "version": dcm2niix_version() if input_format == "dicom" else None,
+            "anonymised": anonymise,
+            "images": images,
+        }
+        write_json(tmp / "conversion.json", summary)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        return summary
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ingest_series(
+    label: str, role: str, row: dict[str, str], input_dir: Path, dest: Path,
+    input_format: str, anonymise: bool, timeout_s: float,
+) -> list[dict[str, Any]]:
+    from .discover import series_files
+
+    sid = row["series_id"]
+    if input_format == "bids":
+        from .discover import bids_metadata
+
+        pairs = series_files(input_dir, row)  # MEGRE: magnitude echoes in echo order
+        if not pairs:
+            raise InputError("BIDS image is missing", path=row["folder"])
+        out = []
+        for k, p in enumerate(pairs, start=1):
+            if not p.is_file():
+                raise InputError("BIDS image is missing", path=p.relative_to(input_dir))
+            name = _target_name(label, role, sid, k)
+            shutil.copyfile(p, dest / name)
+            # sidecar with BIDS inheritance (metadata may live higher up the tree)
+            write_json(sidecar_path(dest / name), bids_metadata(p, input_dir))
+            out.append({"role": role, "series_id": sid, "nifti": name})
+        return out
+
+    files = series_files(input_dir, row)
+    if not files:
+        raise InputError("no DICOM files found for the series", path=row["folder"])
+    with tempfile.TemporaryDirectory(prefix=".series-", dir=dest) as link_dir, \
+            tempfile.TemporaryDirectory(prefix=".conv-", dir=dest) as conv_dir:
+        for i, f in enumerate(files):
+            os.symlink(Path(f).resolve(), Path(link_dir) / f"{i:05d}.dcm")
+        try:
+            conv = run_dcm2niix(link_dir, conv_dir, anonymise=anonymise, timeout_s=timeout_s)
+        except QmriflowError as exc:
+            # name the archive folder (relative), not the scratch folder of links
+            raise type(exc)(exc.reason.replace(str(link_dir), row["folder"]),
+                            path=row["folder"]) from None
+        mags = [c for c in conv if _is_magnitude(c.metadata)]
+        if not mags:
+            raise InputError("series has no magnitude image", path=row["folder"])
+        if role != "megre" and len(mags) > 1:
+            # dcm2niix split the series (e.g. echoes or repeated acquisitions): keep echo 1
+            mags = [min(mags, key=lambda c: _echo_number(c.metadata, 1))]
+        out = []
+        for k, c in enumerate(sorted(mags, key=lambda c: _echo_number(c.metadata, 0)), start=1):
+            name = _target_name(label, role, sid, _echo_number(c.metadata, k) if role == "megre"
+                                else k)
+            _move_pair(c, dest / name)
+            out.append({"role": role, "series_id": sid, "nifti": name,
+                        "echo_time_s": c.metadata.get("EchoTime")})
+        return out
+
+
+def _target_name(label: str, role: str, series_id: str, echo: int) -> str:
+    if role == "megre":
+        return f"{label}_acq-{series_id}_echo-{echo}_MEGRE.nii.gz"
+    return f"{label}_{ROLE_SUFFIX[role]}.nii.gz"
+
+
+def converted_sidecars(session_dir: Path) -> dict[str, list[Path]]:
+    """Role -> sidecar paths of an ingested session (``megre:<series>`` per multi-echo series)."""
+    summary = json.loads((session_dir / "conversion.json").read_text())
+    out: dict[str, list[Path]] = {}
+    for im in summary["images"]:
+        key = im["role"] if im["role"] != "megre" else f"megre:{im['series_id']}"
+        out.setdefault(key, []).append(sidecar_path(session_dir / im["nifti"]))
+    return out

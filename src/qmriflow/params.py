@@ -1,0 +1,360 @@
+"""Acquisition parameters of one session, from dcm2niix sidecars, checked before any model
+uses them.
+
+Two steps, kept apart:
+
+* :func:`extract_series_params` turns one sidecar into numbers (ms, degrees, tesla) exactly as
+  the sidecar says them (TR 2217.66, not rounded: seconds × 1000 rounded to 1e-9 ms, as
+  :func:`qmriflow.convert.sidecar_times_ms`); it never refuses a value;
+* :func:`validate_session_params` refuses what no signal model may use, with a one-line
+  :class:`~qmriflow.errors.InputError` naming the session and the sidecar.
+
+:func:`extract_session_params` does both for a converted session and returns the session JSON
+(``{"session", "t1w", "t2w", "flair", "megre": [...]}``), each role holding ``sequence``,
+``tr_ms``, ``te_ms``, ``ti_ms`` (None if absent), ``fa_deg``, ``acquisition``,
+``field_strength_t``, ``manufacturer``, ``manufacturer_model``, ``gadolinium``,
+``echo_times_ms``, ``te_correction_factor``, ``series_id`` and ``sidecar``.
+
+Refused: missing or non-finite TR/TE/FA, negative times, TE ≥ TR (the last echo for multi-echo
+GRE), FLAIR or IR-GRE without an inversion time, TI ≥ TR for those, flip angle outside
+[1, 180]°, a field other than 3 T for T1w/T2w/FLAIR when ``require_3t`` (2.5–3.5 T counts as
+3 T; Siemens writes 2.89), fewer than two or non-increasing echo times for multi-echo GRE, and
+an IR-GRE whose TR is below 100 ms: Philips T1TFE (MPRAGE) reports the excitation TR
+(≈ 6.5 ms) while the IR-GRE model needs the time between inversions, which Philips keeps in
+private tags only — computed with the excitation TR the model would be wrong by orders of
+magnitude, so the session is refused rather than processed silently (../shared/NOTES.md E).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .classify import image_kind
+from .errors import InputError
+from .physics import SEQUENCES, TECorrection, te_correction_factor
+
+__all__ = [
+    "IRGRE_MIN_TR_MS",
+    "extract_series_params",
+    "extract_session_params",
+    "validate_session_params",
+]
+
+IRGRE_MIN_TR_MS = 100.0
+"""Below this, an IR-GRE TR is the excitation TR, not the inversion repetition time."""
+FIELD_3T_RANGE = (2.5, 3.5)
+SINGLE_ROLES = ("t1w", "t2w", "flair")
+ROLE_LABEL = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR", "megre": "multi-echo GRE"}
+SEQ_LABEL = {"gre": "GRE", "irgre": "IR-GRE", "se": "spin-echo", "tse": "TSE",
+             "flair": "FLAIR", "megre": "multi-echo GRE"}
+_NON_MAGNITUDE_NAME = re.compile(r"_(ph|real|imaginary|phMag)(\d+)?\.json$")
+
+
+# ---------------------------------------------------------------------------------------------
+# extraction
+# ---------------------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    """Sidecar number -> float; absent -> None; unparsable -> NaN (validation reports it)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, list | tuple):
+        return _number(value[0]) if value else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _ms(value: Any) -> float | None:
+    s = _number(value)
+    if s is None or not math.isfinite(s):
+        return s
+    return round(s * 1000.0, 9)  # as convert.sidecar_times_ms
+
+
+def _clean(value: Any) -> Any:
+    return None if value in (None, "") else value
+
+
+def _te_factor(sequence: str, te_ms: float | None,
+               te_correction: TECorrection | Mapping[str, Any] | None) -> float | None:
+    if sequence not in SEQUENCES:
+        return 1.0
+    if te_ms is None or not math.isfinite(te_ms):
+        return None
+    corr = (te_correction if isinstance(te_correction, TECorrection) or te_correction is None
+            else TECorrection.from_mapping(te_correction))
+    return te_correction_factor(sequence, te_ms, corr)
+
+
+def extract_series_params(
+    sidecar_meta: Mapping[str, Any],
+    role: str,
+    sequence: str,
+    *,
+    te_correction: TECorrection | Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Parameters of one series from its dcm2niix/BIDS sidecar (times in seconds there).
+
+    Pure extraction: absent values are None, unparsable ones NaN; nothing is refused here.
+    ``echo_times_ms`` holds this sidecar's echo time (all echoes when the sidecar lists
+    several); :func:`extract_session_params` fills it from the per-echo sidecars of a
+    multi-echo series.
+    """
+    te_raw = sidecar_meta.get("EchoTime")
+    if isinstance(te_raw, list | tuple):
+        echo_times = [_ms(v) for v in te_raw]
+    else:
+        echo_times = [] if te_raw is None else [_ms(te_raw)]
+    te = echo_times[0] if echo_times else None
+    fa = _number(sidecar_meta.get("FlipAngle"))
+    field = _number(sidecar_meta.get("MagneticFieldStrength"))
+    acq = _clean(sidecar_meta.get("MRAcquisitionType"))
+    return {
+        "role": role,
+        "sequence": sequence,
+        "tr_ms": _ms(sidecar_meta.get("RepetitionTime")),
+        "te_ms": te,
+        "ti_ms": _ms(sidecar_meta.get("InversionTime")),
+        "fa_deg": fa,
+        "acquisition": str(acq).upper() if acq is not None else None,
+        "field_strength_t": field,
+        "manufacturer": _clean(sidecar_meta.get("Manufacturer")),
+        "manufacturer_model": _clean(sidecar_meta.get("ManufacturersModelName")
+                                     or sidecar_meta.get("ManufacturerModelName")),
+        "echo_times_ms": [t for t in echo_times if t is not None],
+        "echo_train_length": _number(sidecar_meta.get("EchoTrainLength")),
+        "te_correction_factor": _te_factor(sequence, te, te_correction),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def _check_entry(p: Mapping[str, Any], require_3t: bool, session: str | None) -> None:
+    role, seq = p.get("role", "?"), p.get("sequence", "?")
+    what = f"{ROLE_LABEL.get(role, role)} ({SEQ_LABEL.get(seq, seq)})"
+
+    def fail(reason: str) -> None:
+        raise InputError(f"{what}: {reason}", session=session, path=p.get("sidecar"))
+
+    if seq not in SEQUENCES and seq != "megre":
+        fail(f"unknown sequence family {seq!r}")
+    values = {}
+    for key, label in (("tr_ms", "RepetitionTime"), ("te_ms", "EchoTime"),
+                       ("fa_deg", "FlipAngle")):
+        v = p.get(key)
+        if v is None:
+            fail(f"missing {label} in the sidecar")
+        v = float(v)
+        if not math.isfinite(v):
+            fail(f"{label} is not a finite number ({v})")
+        values[key] = v
+    tr, te, fa = values["tr_ms"], values["te_ms"], values["fa_deg"]
+    if tr <= 0 or te < 0:
+        fail(f"negative or zero time (RepetitionTime {_fmt(tr)} ms, EchoTime {_fmt(te)} ms)")
+    if te == 0:
+        fail("EchoTime is 0 ms")
+    ti = p.get("ti_ms")
+    if ti is not None:
+        ti = float(ti)
+        if not math.isfinite(ti):
+            fail(f"InversionTime is not a finite number ({ti})")
+        if ti < 0:
+            fail(f"negative InversionTime ({_fmt(ti)} ms)")
+    if not 1.0 <= fa <= 180.0:
+        fail(f"FlipAngle {_fmt(fa)}° outside [1, 180]°")
+    echoes = [float(t) for t in (p.get("echo_times_ms") or [te])]
+    if seq == "megre":
+        if len(echoes) < 2:
+            fail(f"{len(echoes)} echo time(s); a multi-echo GRE needs at least 2")
+        if not all(math.isfinite(t) and t > 0 for t in echoes):
+            fail(f"invalid echo times {echoes} ms")
+        if any(b <= a for a, b in itertools.pairwise(echoes)):
+            fail(f"echo times {echoes} ms are not increasing")
+    last_te = max([*echoes, te])
+    if last_te >= tr:
+        fail(f"EchoTime {_fmt(last_te)} ms ≥ RepetitionTime {_fmt(tr)} ms")
+    if seq in ("flair", "irgre"):
+        kind = "FLAIR" if seq == "flair" else "IR-GRE"
+        if ti is None or ti <= 0:
+            fail(f"{kind} series has no InversionTime; the {kind} model needs it")
+        if seq == "irgre" and tr < IRGRE_MIN_TR_MS:
+            fail(f"IR-GRE RepetitionTime {_fmt(tr)} ms is an excitation TR (Philips T1TFE "
+                 f"reports that one), not the time between inversions that the IR-GRE model "
+                 f"needs, and the standard header does not give that time; refusing rather "
+                 f"than computing a wrong signal")
+        if ti >= tr:
+            fail(f"InversionTime {_fmt(ti)} ms ≥ RepetitionTime {_fmt(tr)} ms")
+    field = p.get("field_strength_t")
+    field = None if field is None else float(field)
+    if field is not None and not (math.isfinite(field) and field > 0):
+        fail(f"MagneticFieldStrength is not a positive number ({field})")
+    if role == "megre":
+        if field is None:
+            fail("missing MagneticFieldStrength (the fat/water model needs it)")
+    elif require_3t:
+        if field is None:
+            fail("missing MagneticFieldStrength; 3 T required (require_3t)")
+        if not FIELD_3T_RANGE[0] <= field <= FIELD_3T_RANGE[1]:
+            fail(f"{_fmt(field)} T acquisition; the models are calibrated for 3 T (set "
+                 f"require_3t: false to process other field strengths)")
+
+
+def validate_session_params(
+    params: Mapping[str, Any],
+    require_3t: bool = True,
+    session: str | None = None,
+    *,
+    required_roles: Sequence[str] = SINGLE_ROLES,
+) -> None:
+    """Raise :class:`InputError` (one line: session, sidecar, reason) for the first value no
+    model may use; see the module docstring for the rules. ``session`` defaults to
+    ``params["session"]``."""
+    session = session or params.get("session")
+    for role in SINGLE_ROLES:
+        entry = params.get(role)
+        if entry is None:
+            if role in required_roles:
+                raise InputError(f"no {ROLE_LABEL[role]} series converted", session=session)
+            continue
+        _check_entry(entry, require_3t, session)
+    for entry in params.get("megre") or []:
+        _check_entry(entry, require_3t, session)
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole session
+# ---------------------------------------------------------------------------------------------
+
+
+def _truthy(v: Any) -> bool:
+    return v is True or str(v).strip().lower() in ("true", "1", "yes")
+
+
+def _session_rows(rows: Sequence[Mapping[str, Any]], label: str | None) -> list[Mapping]:
+    m = re.fullmatch(r"sub-([^_]+)_ses-([^_]+)", label or "")
+    if m:
+        mine = [r for r in rows if (str(r.get("subject")), str(r.get("session")))
+                == (m.group(1), m.group(2))]
+        if mine:
+            return mine
+    return list(rows)
+
+
+def _read_sidecar(path: Path, session: str | None) -> dict[str, Any]:
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unreadable JSON sidecar ({type(exc).__name__})", session=session,
+                         path=path) from None
+    if not isinstance(meta, dict):
+        raise InputError("JSON sidecar is not an object", session=session, path=path)
+    return meta
+
+
+def _magnitude(sidecars: Sequence[Path], session: str | None) -> list[tuple[Path, dict]]:
+    out = []
+    for p in sidecars:
+        meta = _read_sidecar(Path(p), session)
+        if _NON_MAGNITUDE_NAME.search(Path(p).name) or image_kind(meta.get("ImageType")) != (
+                "magnitude"):
+            continue
+        out.append((Path(p), meta))
+    return out
+
+
+def _same(entries: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str | None:
+    for k in keys:
+        vals = {repr(e.get(k)) for e in entries}
+        if len(vals) > 1:
+            return k
+    return None
+
+
+def extract_session_params(
+    converted: Mapping[str, Sequence[str | Path]],
+    series_rows: Sequence[Mapping[str, Any]],
+    *,
+    require_3t: bool = True,
+    te_correction: TECorrection | Mapping[str, Any] | None = None,
+    session: str | None = None,
+    required_roles: Sequence[str] = SINGLE_ROLES,
+) -> dict[str, Any]:
+    """Session JSON from converted sidecars, validated.
+
+    ``converted``: ``"t1w"``/``"t2w"``/``"flair"`` -> the sidecar(s) of that role's selected
+    series; ``"megre:<series_id>"`` -> the per-echo sidecars of that series. Phase/real/
+    imaginary sidecars are set aside. ``series_rows``: rows of ``series.tsv`` (this
+    session's, or all: with ``session="sub-X_ses-Y"`` they are narrowed to it) giving
+    sequence, gadolinium and series_id. Raises :class:`InputError` naming ``session`` and the
+    sidecar (:func:`validate_session_params`).
+    """
+    rows = _session_rows(series_rows, session)
+    out: dict[str, Any] = {"session": session, **{r: None for r in SINGLE_ROLES}, "megre": []}
+    for key, sidecars in converted.items():
+        role, _, sid = key.partition(":")
+        if role not in (*SINGLE_ROLES, "megre"):
+            raise InputError(f"unknown role {key!r} in the converted series", session=session)
+        if sid:
+            match = [r for r in rows if str(r.get("series_id")) == sid]
+        else:
+            match = [r for r in rows if r.get("role") == role and _truthy(r.get("selected"))]
+        if len(match) != 1:
+            raise InputError(f"{ROLE_LABEL[role]} series {sid or ''} is not "
+                             f"{'in' if not match else 'unique in'} the series table "
+                             f"({len(match)} selected rows)", session=session)
+        row = match[0]
+        sequence = str(row.get("sequence") or "")
+        mags = _magnitude(list(sidecars), session)
+        if not mags:
+            first = next(iter(sidecars), None)
+            raise InputError(f"no magnitude image among the {len(sidecars)} converted "
+                             f"file(s) of the {ROLE_LABEL[role]} series", session=session,
+                             path=first)
+        if role == "megre":
+            def echo_key(item: tuple[Path, dict]) -> tuple:
+                meta = item[1]
+                n = _number(meta.get("EchoNumber"))
+                te = _ms(meta.get("EchoTime"))
+                return (n if n is not None and math.isfinite(n) else math.inf,
+                        te if te is not None and math.isfinite(te) else math.inf)
+
+            mags.sort(key=echo_key)
+        per = [extract_series_params(m, role, sequence, te_correction=te_correction)
+               for _p, m in mags]
+        entry = per[0]
+        entry["sidecar"] = str(mags[0][0])
+        if role == "megre":
+            differ = _same(per, ("tr_ms", "fa_deg", "field_strength_t"))
+            entry["echo_times_ms"] = [t for e in per for t in e["echo_times_ms"]]
+        else:
+            differ = _same(per, ("tr_ms", "te_ms", "ti_ms", "fa_deg"))
+        if differ:
+            raise InputError(f"{ROLE_LABEL[role]} series converted to {len(per)} images with "
+                             f"different {differ}", session=session, path=mags[0][0])
+        entry["gadolinium"] = _truthy(row.get("gadolinium"))
+        entry["series_id"] = str(row.get("series_id") or "")
+        if not entry.get("acquisition") and row.get("acquisition"):
+            entry["acquisition"] = str(row["acquisition"])
+        if role == "megre":
+            out["megre"].append(entry)
+        else:
+            out[role] = entry
+    out["megre"].sort(key=lambda e: e["series_id"])
+    validate_session_params(out, require_3t, session, required_roles=required_roles)
+    return out
