@@ -20,16 +20,18 @@ config = validate_config(config)
 localrules:
     all,
     all_params,
+    dataset_description,
 
 
 include: "rules/common.smk"
 include: "rules/convert.smk"
-include: "rules/preproc.smk"
 
 
+# So far: discovery, conversion and parameter validation of every session. Registration,
+# N4, skull stripping and segmentation are added next (issue 3).
 rule all:
     input:
-        final_outputs,
+        params_outputs,
         OUT / "dataset_description.json",
 
 
@@ -37,11 +39,3 @@ rule all:
 rule all_params:
     input:
         params_outputs,
-
-
-onsuccess:
-    shell(f"qmriflow failures {FAILURES} {OUT / 'failures.tsv'}")
-
-
-onerror:
-    shell(f"qmriflow failures {FAILURES} {OUT / 'failures.tsv'}")

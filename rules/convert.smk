@@ -73,3 +73,28 @@ rule params:
     shell:
         "qmriflow params {input.session} {input.series} {output.params} {params.non3t} "
         "--te-correction {params.tec} {params.flags} --provenance {output.prov} &> {log}"
+
+
+rule dataset_description:
+    output:
+        OUT / "dataset_description.json",
+    params:
+        outdir=OUT,
+        image=CPU_IMAGE,
+    log:
+        LOGS / "dataset_description.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+    container:
+        CPU_IMAGE
+    shell:
+        "qmriflow dataset-description {params.outdir} --container {params.image:q} &> {log}"
+
+
+onsuccess:
+    shell(f"qmriflow failures {FAILURES} {OUT / 'failures.tsv'}")
+
+
+onerror:
+    shell(f"qmriflow failures {FAILURES} {OUT / 'failures.tsv'}")
