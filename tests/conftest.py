@@ -14,6 +14,29 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def assert_no_identifiers(*roots: Path) -> int:
+    """Fail if the phantom's identifying canary or birth date is in any file name or content
+    (gzip files decompressed) below ``roots``; return the number of files checked."""
+    import gzip
+
+    from qmriflow.phantom.generate import CANARY, CANARY_BIRTH_DATE
+
+    n = 0
+    for root in roots:
+        for f in Path(root).rglob("*"):
+            if not f.is_file():
+                continue
+            data = f.read_bytes()
+            if f.name.endswith(".gz"):
+                data = gzip.decompress(data)
+            assert CANARY.encode() not in data, f
+            assert CANARY.lower().encode() not in data, f
+            assert CANARY_BIRTH_DATE.encode() not in data, f
+            assert CANARY not in str(f), f
+            n += 1
+    return n
+
+
 @pytest.fixture(scope="session")
 def phantom_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2 subjects × 2 sessions, small size, with the CSE series; seed 11."""
