@@ -25,13 +25,12 @@ localrules:
 
 include: "rules/common.smk"
 include: "rules/convert.smk"
+include: "rules/preproc.smk"
 
 
-# So far: discovery, conversion and parameter validation of every session. Registration,
-# N4, skull stripping and segmentation are added next (issue 3).
 rule all:
     input:
-        params_outputs,
+        final_outputs,
         OUT / "dataset_description.json",
 
 
@@ -39,3 +38,11 @@ rule all:
 rule all_params:
     input:
         params_outputs,
+
+
+onsuccess:
+    shell(f"qmriflow failures {FAILURES} {OUT / 'failures.tsv'}")
+
+
+onerror:
+    shell(f"qmriflow failures {FAILURES} {OUT / 'failures.tsv'}")

@@ -10,6 +10,7 @@ LOGS = WORK / "logs"
 FAILURES = WORK / "failures"
 PROV = WORK / "provenance"
 SES = "sub-{subject}_ses-{session}"
+ANAT = OUT / "sub-{subject}" / "ses-{session}" / "anat"
 CPU_IMAGE = config["containers"]["cpu"]
 
 
@@ -22,6 +23,17 @@ def sessions():
 
 def session_targets(pattern):
     return [str(pattern).format(subject=sub, session=ses) for sub, ses in sessions()]
+
+
+def final_outputs(wildcards):
+    """What `rule all` asks for, per discovered session."""
+    patterns = [
+        ANAT / f"{SES}_space-T2w_desc-preproc_T1w.nii.gz",
+        ANAT / f"{SES}_space-T2w_desc-brain_mask.nii.gz",
+        ANAT / f"{SES}_space-T2w_dseg.nii.gz",
+        OUT / "sub-{subject}" / "ses-{session}" / f"{SES}_desc-provenance.json",
+    ]
+    return [t for p in patterns for t in session_targets(p)]
 
 
 def params_outputs(wildcards):

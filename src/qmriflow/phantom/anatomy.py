@@ -182,6 +182,7 @@ def build_subject(
     deformation_mm: float = 2.5,
     size_sd: float = 0.04,
     variation: float = 0.03,
+    variation_scale_mm: float = 15.0,
 ) -> SubjectAnatomy:
     """Build one subject's head. ``lesion``: "none" | "wmh" | "tumour"."""
     tpl = load_template(res_mm)
@@ -259,7 +260,10 @@ def build_subject(
     del xyz, ijk
 
     # --- smooth spatial variation of PD, T1, T2 (a few percent) ----------------------------
-    var = np.stack([1.0 + variation * np.clip(smooth_field(rng, shape, 30.0 / r), -3, 3)
+    # (Gaussian smoothing of white noise with sigma ``variation_scale_mm``: regional tissue
+    # differences; a much longer scale would be indistinguishable from a receive-coil field)
+    var = np.stack([1.0 + variation * np.clip(smooth_field(rng, shape, variation_scale_mm / r),
+                                              -3, 3)
                     for _ in range(3)]).astype(np.float32)
 
     # --- subject size and smooth non-linear deformation ----------------------------------
