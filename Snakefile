@@ -20,15 +20,25 @@ config = validate_config(config)
 localrules:
     all,
     all_params,
+    all_preproc,
     dataset_description,
 
 
 include: "rules/common.smk"
 include: "rules/convert.smk"
 include: "rules/preproc.smk"
+include: "rules/model.smk"
 
 
 rule all:
+    input:
+        final_outputs,
+        model_outputs,
+        OUT / "dataset_description.json",
+
+
+# Preprocessing only (registration ... segmentation), no model.
+rule all_preproc:
     input:
         final_outputs,
         OUT / "dataset_description.json",

@@ -77,7 +77,8 @@ def pipeline_run(phantom_archive, manifest, tmp_path_factory):
     (root / "config.yaml").write_text(yaml.safe_dump(cfg))
     res = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-         "--configfile", str(root / "config.yaml"), "--cores", "2", "--keep-going"],
+         "--configfile", str(root / "config.yaml"), "--cores", "2", "--keep-going",
+         "all_preproc"],
         cwd=root, capture_output=True, text=True, env=tool_env(),
     )
     (root / "snakemake.log").write_text(res.stdout + "\n" + res.stderr)

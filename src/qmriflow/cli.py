@@ -42,8 +42,8 @@ def arguments(configure: Callable[[argparse.ArgumentParser], None]):
 
 def _phantom_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="output folder (dicom/, truth/, manifest.json)")
-    p.add_argument("--subjects", type=int, default=2)
-    p.add_argument("--sessions", type=int, default=2)
+    p.add_argument("--subjects", type=int, default=3)
+    p.add_argument("--sessions", type=int, default=1)
     p.add_argument("--size", choices=["small", "full"], default="small")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cse", action="store_true", help="add a 6-echo GRE fat/water series")
@@ -409,8 +409,8 @@ def _validate(a: argparse.Namespace) -> int:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("demo"), help="demo folder")
     p.add_argument("--cores", type=int, default=2)
-    p.add_argument("--subjects", type=int, default=2)
-    p.add_argument("--sessions", type=int, default=2)
+    p.add_argument("--subjects", type=int, default=3)
+    p.add_argument("--sessions", type=int, default=1)
 
 
 @command("demo", "generate a small phantom archive and run the workflow on it")

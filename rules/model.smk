@@ -1,0 +1,150 @@
+# The relaxometry model (seed 000 section 2.2): pack the preprocessed slices of every session
+# once, train the self-supervised network on the archive (or use given weights), and infer
+# T1/T2/PD maps for every session. Thin rules: each calls one `qmriflow <step>`.
+#
+# Config (section `model:`): checkpoint, width, epochs, batch_size, lr, lambda_tv, lambda_pd,
+# dropout, init, seed, split, steps_per_epoch, device, precision, threads, train_gpu,
+# train_mem_mb, train_runtime_min, infer_gpu, infer_batch_size, infer_mem_mb,
+# min_head_fraction, search_trials, search_epochs.
+MODEL = config["model"]
+PACK = WORK / "model" / "pack"
+MODEL_DIR = OUT / "model"
+TRAINED = MODEL_DIR / "model.pt"
+CHECKPOINT = Path(MODEL["checkpoint"]) if MODEL.get("checkpoint") else TRAINED
+PRE = ANAT / f"{SES}_space-T2w"
+
+
+PACK_PATTERNS = [f"{PRE}_desc-preproc_{c}.nii.gz" for c in ("T1w", "T2w", "FLAIR")] + [
+    f"{PRE}_desc-brain_mask.nii.gz",
+    OUT / "sub-{subject}" / "ses-{session}" / f"{SES}_desc-protocol_params.json",
+]
+TRAIN_FLAGS = (
+    f"--width {MODEL['width']} --epochs {MODEL['epochs']} --batch-size {MODEL['batch_size']} "
+    f"--lr {MODEL['lr']} --lambda-tv {MODEL['lambda_tv']} --lambda-pd {MODEL['lambda_pd']} "
+    f"--dropout {MODEL['dropout']} --init {MODEL['init']} --seed {MODEL['seed']} "
+    f"--split {','.join(str(x) for x in MODEL['split'])} --device {MODEL['device']} "
+    f"--precision {MODEL['precision']}"
+    + (f" --steps-per-epoch {MODEL['steps_per_epoch']}" if MODEL.get("steps_per_epoch") else "")
+)
+# Targets for `rule all`: every session's maps, plus the training curve when trained here.
+model_outputs = lambda wildcards: [
+    t
+    for m in ("T1map", "T2map", "PDmap")
+    for t in session_targets(f"{PRE}_{m}.nii.gz")
+] + ([] if MODEL.get("checkpoint") else [str(MODEL_DIR / "training_curve.png")])
+
+
+rule pack:
+    input:
+        lambda w: [t for p in PACK_PATTERNS for t in session_targets(p)],
+    output:
+        index=PACK / "index.json",
+        images=PACK / "images.npy",
+        masks=PACK / "masks.npy",
+    params:
+        outdir=PACK,
+        dirs=lambda w: " ".join(session_targets(OUT / "sub-{subject}" / "ses-{session}")),
+        frac=MODEL["min_head_fraction"],
+        prov=PROV / "pack.json",
+    benchmark:
+        WORK / "benchmarks" / "pack.tsv"
+    log:
+        LOGS / "pack.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+    container:
+        CPU_IMAGE
+    shell:
+        "qmriflow pack {params.outdir} {params.dirs} --min-head-fraction {params.frac} "
+        "--skip-incomplete --provenance {params.prov} &> {log}"
+
+
+# last.pt (the resumable state) is deliberately not an output: Snakemake must not delete it
+# when a long training job is interrupted; re-running the rule resumes from it.
+rule train:
+    input:
+        index=rules.pack.output.index,
+    output:
+        model=TRAINED,
+        curve=MODEL_DIR / "training_curve.png",
+        hyper=MODEL_DIR / "hyperparameters.json",
+    params:
+        outdir=MODEL_DIR,
+        pack=PACK,
+        split=",".join(str(x) for x in MODEL["split"]),
+        prov=PROV / "train.json",
+    benchmark:
+        WORK / "benchmarks" / "train.tsv"
+    log:
+        LOGS / "train.log",
+    threads: MODEL["threads"]
+    resources:
+        mem_mb=MODEL["train_mem_mb"],
+        runtime=MODEL["train_runtime_min"],
+        gpu=MODEL["train_gpu"],
+    container:
+        config["containers"]["cuda"] if MODEL["train_gpu"] else CPU_IMAGE
+    shell:
+        f"qmriflow train {{params.pack}} {{params.outdir}} {TRAIN_FLAGS} --threads {{threads}} "
+        "--no-progress --provenance {params.prov} &> {log}"
+
+
+rule infer:
+    input:
+        t1w=f"{PRE}_desc-preproc_T1w.nii.gz",
+        t2w=f"{PRE}_desc-preproc_T2w.nii.gz",
+        flair=f"{PRE}_desc-preproc_FLAIR.nii.gz",
+        mask=f"{PRE}_desc-brain_mask.nii.gz",
+        params=OUT / "sub-{subject}" / "ses-{session}" / f"{SES}_desc-protocol_params.json",
+        checkpoint=CHECKPOINT,
+    output:
+        t1=f"{PRE}_T1map.nii.gz",
+        t2=f"{PRE}_T2map.nii.gz",
+        pd=f"{PRE}_PDmap.nii.gz",
+        prov=PROV / f"{SES}_infer.json",
+    params:
+        sdir=lambda w: OUT / f"sub-{w.subject}" / f"ses-{w.session}",
+        outdir=lambda w, output: Path(output.t1).parent,
+        run=(f"--device {MODEL['device']} --precision {MODEL['precision']} "
+             f"--batch-size {MODEL['infer_batch_size']}"),
+        flags=session_flags,
+    benchmark:
+        WORK / "benchmarks" / "infer" / f"{SES}.tsv"
+    log:
+        LOGS / "infer" / f"{SES}.log",
+    threads: MODEL["threads"]
+    resources:
+        mem_mb=MODEL["infer_mem_mb"],
+        gpu=MODEL["infer_gpu"],
+    container:
+        config["containers"]["cuda"] if MODEL["infer_gpu"] else CPU_IMAGE
+    shell:
+        "qmriflow infer {params.sdir} --checkpoint {input.checkpoint} "
+        "--out-dir {params.outdir} {params.run} --threads {threads} {params.flags} "
+        "--provenance {output.prov} &> {log}"
+
+
+# Optional: Optuna search over the seed's Table B.1 space (`snakemake search`; needs optuna).
+rule search:
+    input:
+        index=rules.pack.output.index,
+    output:
+        MODEL_DIR / "search" / "search.json",
+    params:
+        outdir=MODEL_DIR / "search",
+        pack=PACK,
+        run=(f"--trials {MODEL['search_trials']} --epochs {MODEL['search_epochs']} "
+             f"--width {MODEL['width']} --device {MODEL['device']}"),
+    log:
+        LOGS / "search.log",
+    threads: MODEL["threads"]
+    resources:
+        mem_mb=MODEL["train_mem_mb"],
+        runtime=MODEL["train_runtime_min"],
+        gpu=MODEL["train_gpu"],
+    container:
+        config["containers"]["cuda"] if MODEL["train_gpu"] else CPU_IMAGE
+    shell:
+        "qmriflow search {params.pack} {params.outdir} {params.run} --threads {threads} "
+        "&> {log}"

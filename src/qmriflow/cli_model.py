@@ -1,0 +1,213 @@
+"""``qmriflow pack | train | infer | search``: the relaxometry model's steps (seed 000).
+
+Registered on ``qmriflow.cli`` with the same decorators as the other steps; imported lazily by
+:func:`qmriflow.cli.build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .cli import _provenance, _session_args, _with_session, arguments, command
+from .errors import ConfigError
+
+CONTRAST_CHOICES = ("T1w", "T2w", "FLAIR")
+
+
+def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{what}: expected {n} comma-separated numbers, got {text!r}") from None
+    if len(vals) != n:
+        raise ConfigError(f"{what}: expected {n} comma-separated numbers, got {text!r}")
+    return vals
+
+
+def _contrasts(text: str) -> tuple[str, ...]:
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    bad = [c for c in names if c not in CONTRAST_CHOICES]
+    if not names or bad or len(set(names)) != len(names):
+        raise ConfigError(f"--contrasts must be a comma list of distinct {CONTRAST_CHOICES}, "
+                          f"got {text!r}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# pack
+# ---------------------------------------------------------------------------------------------
+
+
+def _pack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", type=Path, help="folder for images.npy, masks.npy, index.json")
+    p.add_argument("session_dirs", type=Path, nargs="*",
+                   help="preprocessed session folders (.../sub-X/ses-Y)")
+    p.add_argument("--results-dir", type=Path,
+                   help="take every results/sub-*/ses-* folder with a preprocessed T2w")
+    p.add_argument("--min-head-fraction", type=float, default=0.05,
+                   help="leave out slices whose head covers less than this fraction")
+    p.add_argument("--skip-incomplete", action="store_true",
+                   help="list unreadable sessions in index.json instead of failing")
+    p.add_argument("--provenance", type=Path, help="write this step's provenance JSON here")
+
+
+@command("pack", "normalise preprocessed sessions once and pack their slices for training")
+@arguments(_pack_args)
+def _pack(a: argparse.Namespace) -> int:
+    from .model.data import pack_sessions
+
+    dirs = list(a.session_dirs)
+    if a.results_dir is not None:
+        dirs += sorted(p.parent.parent for p in Path(a.results_dir).glob(
+            "sub-*/ses-*/anat/*_space-T2w_desc-preproc_T2w.nii.gz"))
+    index = pack_sessions(dirs, a.out_dir, min_head_fraction=a.min_head_fraction,
+                          skip_incomplete=a.skip_incomplete)
+    _provenance(a, "pack", {"n_sessions": len(index["sessions"]), "n_slices": index["n_slices"],
+                            "skipped": index["skipped"]})
+    print(f"packed {index['n_slices']} slices of {len(index['sessions'])} session(s) into "
+          f"{a.out_dir}" + (f" ({len(index['skipped'])} skipped)" if index["skipped"] else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+
+
+def _hyper_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--width", type=int, default=64, help="first-level channels (seed: 64)")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lambda-tv", type=float, default=0.01)
+    p.add_argument("--lambda-pd", type=float, default=0.1)
+    p.add_argument("--pd-threshold", type=float, default=0.60)
+    p.add_argument("--scale-bound", type=float, default=0.2, help="±fraction of the WM scale")
+    p.add_argument("--dropout", type=float, default=0.5, help="contrast dropout probability")
+    p.add_argument("--init", choices=["kaiming", "xavier", "normal"], default="kaiming")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="0.8,0.05,0.15", help="train,val,test subject fractions")
+    p.add_argument("--scale-group", choices=["session", "slice"], default="session")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="batches per epoch (default: one pass over the training slices)")
+    p.add_argument("--val-max-slices", type=int, default=1024)
+    p.add_argument("--warmup-epochs", type=int, default=1,
+                   help="epochs that also pull the maps towards WM values (published: 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def _train_config(a: argparse.Namespace):
+    from .model.train import TrainConfig
+
+    return TrainConfig(
+        width=a.width, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+        lambda_tv=a.lambda_tv, lambda_pd=a.lambda_pd, pd_threshold=a.pd_threshold,
+        scale_bound=a.scale_bound, dropout=a.dropout, init=a.init, seed=a.seed,
+        split=_floats(a.split, 3, "--split"), scale_group=a.scale_group,  # type: ignore[arg-type]
+        steps_per_epoch=a.steps_per_epoch, val_max_slices=a.val_max_slices,
+        warmup_epochs=a.warmup_epochs, device=a.device,
+        precision=a.precision, threads=a.threads,
+    )
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pack_dir", type=Path, help="output folder of `qmriflow pack`")
+    p.add_argument("out_dir", type=Path, help="model folder (model.pt, last.pt, curve, ...)")
+    _hyper_args(p)
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh even if last.pt exists in OUT_DIR")
+    p.add_argument("--max-epochs-this-run", type=int, default=None,
+                   help="stop after this many epochs (resume later with the same command)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--provenance", type=Path, help="write this step's provenance JSON here")
+
+
+@command("train", "train the self-supervised relaxometry network on packed slices")
+@arguments(_train_args)
+def _train(a: argparse.Namespace) -> int:
+    from .model.train import train
+
+    summary = train(a.pack_dir, a.out_dir, _train_config(a), resume=not a.no_resume,
+                    progress=not a.no_progress, max_epochs_this_run=a.max_epochs_this_run)
+    _provenance(a, "train", {k: v for k, v in summary.items() if k != "history"})
+    state = "finished" if summary["finished"] else "stopped (resume with the same command)"
+    print(f"training {state}: best validation loss {summary['best_val_loss']:.5f} at epoch "
+          f"{summary['best_epoch']}; model {a.out_dir / 'model.pt'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# infer
+# ---------------------------------------------------------------------------------------------
+
+
+def _infer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("session_dir", type=Path, help="preprocessed session folder (.../sub-X/ses-Y)")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="model.pt of `qmriflow train`, or published weights (state_dict)")
+    p.add_argument("--out-dir", type=Path, required=True, help="folder for the maps")
+    p.add_argument("--contrasts", default="T1w,T2w,FLAIR", help="inputs fed to the network")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
+    p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--scale-bound", type=float, default=0.2)
+    p.add_argument("--no-brain-mask", action="store_true", help="keep maps outside the brain")
+    p.add_argument("--no-synth", action="store_true",
+                   help="skip the re-synthesised images and difference maps")
+    _session_args(p)
+
+
+@command("infer", "T1/T2/PD maps of one session with a trained relaxometry network")
+@arguments(_infer_args)
+def _infer(a: argparse.Namespace) -> int:
+    from .ingest import session_label
+    from .model.infer import infer_session
+
+    label = session_label(a.subject, a.session)
+    contrasts = _contrasts(a.contrasts)
+    info = _with_session(label, lambda: infer_session(
+        a.session_dir, a.checkpoint, a.out_dir, subject=a.subject, session=a.session,
+        contrasts=contrasts, device=a.device, precision=a.precision, batch_size=a.batch_size,
+        threads=a.threads, brain_mask=not a.no_brain_mask, synth=not a.no_synth,
+        scale_bound=a.scale_bound))
+    _provenance(a, "infer", info)
+    med = info["brain_median"]
+    print(f"{label}: maps from {'+'.join(contrasts)} in {info['timing_s']['total']:.1f} s "
+          f"(brain median T1 {med['T1_s']:.3f} s, T2 {med['T2_s'] * 1000:.1f} ms, "
+          f"PD {med['PD']:.3f})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# search (optional: needs optuna)
+# ---------------------------------------------------------------------------------------------
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pack_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=5, help="epochs per trial")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--steps-per-epoch", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+
+
+@command("search", "Optuna search over the seed's hyper-parameter space (Table B.1; optional)")
+@arguments(_search_args)
+def _search(a: argparse.Namespace) -> int:
+    from .model.search import run_search
+
+    res = run_search(a.pack_dir, a.out_dir, trials=a.trials, epochs=a.epochs, width=a.width,
+                     steps_per_epoch=a.steps_per_epoch, seed=a.seed, device=a.device,
+                     threads=a.threads)
+    print(f"best trial {res['best_trial']}: validation L1 {res['best_value']:.5f} with "
+          f"{res['best_params']}")
+    return 0

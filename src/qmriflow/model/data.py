@@ -1,0 +1,466 @@
+"""Session inputs, slice packing, the subject-level split and contrast dropout.
+
+A session folder (written by the preprocessing rules) holds, for ``sub-X_ses-Y``::
+
+    sub-X/ses-Y/anat/sub-X_ses-Y_space-T2w_desc-preproc_{T1w,T2w,FLAIR}.nii.gz
+    sub-X/ses-Y/anat/sub-X_ses-Y_space-T2w_desc-brain_mask.nii.gz
+    sub-X/ses-Y/sub-X_ses-Y_desc-protocol_params.json
+
+Training reads slices many times, so every session is read, normalised and written **once**
+into a packed folder:
+
+* ``images.npy`` — (N, 3, H, W) float16, mode-normalised T1w, T2w, FLAIR (memory-mapped);
+* ``masks.npy`` — (N, H, W) uint8, bit 0 = head mask (loss), bit 1 = brain mask;
+* ``index.json`` — per session: subject, session, folder, protocols, histogram modes and the
+  (3, 6) protocol rows of :mod:`qmriflow.model.losses`; per slice: its session index and slice
+  number (so each slice's protocol and subject are one look-up away).
+
+Files are written under temporary names and renamed at the end: a folder either has a complete
+pack or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import physics
+from ..errors import InputError
+from ..io import write_json
+from .losses import protocol_row
+from .normalise import CONTRASTS, head_mask, mode_normalise
+
+__all__ = [
+    "PACK_VERSION",
+    "PackedSlices",
+    "SessionData",
+    "SessionFiles",
+    "contrast_dropout",
+    "load_protocols",
+    "load_session",
+    "pack_sessions",
+    "parse_session_dir",
+    "session_files",
+    "split_subjects",
+]
+
+PACK_VERSION = 1
+ROLE = {"T1w": "t1w", "T2w": "t2w", "FLAIR": "flair"}
+"""Contrast name → key of the session's protocol-parameters JSON."""
+
+
+# ---------------------------------------------------------------------------------------------
+# one session
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionFiles:
+    """Paths of one preprocessed session (optional ones may not exist)."""
+
+    label: str
+    subject: str
+    session: str
+    images: Mapping[str, Path]
+    brain_mask: Path
+    params: Path
+    dseg: Path
+    wm_eroded: Path
+    gm_eroded: Path
+
+
+def parse_session_dir(session_dir: str | Path) -> tuple[str, str]:
+    """``.../sub-X/ses-Y`` → ``("X", "Y")``."""
+    p = Path(session_dir)
+    m_ses = re.fullmatch(r"ses-([A-Za-z0-9]+)", p.name)
+    m_sub = re.fullmatch(r"sub-([A-Za-z0-9]+)", p.parent.name)
+    if not (m_ses and m_sub):
+        raise InputError("not a session folder (expected .../sub-X/ses-Y)", path=p)
+    return m_sub.group(1), m_ses.group(1)
+
+
+def session_files(session_dir: str | Path, subject: str | None = None,
+                  session: str | None = None) -> SessionFiles:
+    """Paths of a preprocessed session folder (subject/session default to the folder names)."""
+    d = Path(session_dir)
+    if subject is None or session is None:
+        subject, session = parse_session_dir(d)
+    label = f"sub-{subject}_ses-{session}"
+    anat = d / "anat"
+    pre = anat / f"{label}_space-T2w"
+    return SessionFiles(
+        label=label, subject=subject, session=session,
+        images={c: Path(f"{pre}_desc-preproc_{c}.nii.gz") for c in CONTRASTS},
+        brain_mask=Path(f"{pre}_desc-brain_mask.nii.gz"),
+        params=d / f"{label}_desc-protocol_params.json",
+        dseg=Path(f"{pre}_dseg.nii.gz"),
+        wm_eroded=Path(f"{pre}_label-WM_desc-eroded_mask.nii.gz"),
+        gm_eroded=Path(f"{pre}_label-GM_desc-eroded_mask.nii.gz"),
+    )
+
+
+def load_protocols(params_json: str | Path, contrasts: Iterable[str] = CONTRASTS,
+                   session: str | None = None) -> dict[str, physics.Protocol]:
+    """``physics.Protocol`` per contrast from a session's ``desc-protocol_params.json``.
+
+    The TE-correction factor recorded by the parameter step (``te_correction_factor``) is the
+    one used, so training, inference and re-synthesis apply exactly the same effective TE.
+    """
+    path = Path(params_json)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError("protocol parameters file is missing", session=session,
+                         path=path) from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unreadable protocol parameters: {exc}", session=session,
+                         path=path) from None
+    out = {}
+    for c in contrasts:
+        entry = data.get(ROLE[c]) if isinstance(data, dict) else None
+        if not isinstance(entry, dict):
+            raise InputError(f"no {ROLE[c]} entry in the protocol parameters", session=session,
+                             path=path)
+        try:
+            proto = physics.Protocol.from_dict(entry)
+            ref = physics.wm_reference_signal(proto)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{ROLE[c]}: invalid protocol parameters ({exc})", session=session,
+                             path=path) from None
+        if not (math.isfinite(ref) and ref > 0):
+            raise InputError(f"{ROLE[c]}: protocol gives no white-matter signal ({proto})",
+                             session=session, path=path)
+        out[c] = proto
+    return out
+
+
+def _load_volume(path: Path, what: str, label: str) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    if not path.is_file():
+        raise InputError(f"{what} is missing", session=label, path=path)
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(f"{what} is not a readable NIfTI ({type(exc).__name__})",
+                         session=label, path=path) from None
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim != 3:
+        raise InputError(f"{what} must be 3D, got shape {data.shape}", session=label, path=path)
+    if not np.isfinite(data).all():
+        raise InputError(f"{what} contains NaN or infinite values", session=label, path=path)
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+@dataclass
+class SessionData:
+    """A session read and normalised for the network (arrays in (S, ...) slice-first order)."""
+
+    files: SessionFiles
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    images: np.ndarray  # (S, C, H, W) float32, mode-normalised, contrasts in `contrasts` order
+    contrasts: tuple[str, ...]
+    head: np.ndarray  # (S, H, W) bool
+    brain: np.ndarray  # (S, H, W) bool
+    modes: dict[str, float]
+    protocols: dict[str, physics.Protocol]
+    raw: dict[str, np.ndarray] = field(default_factory=dict)  # (H, W, S) input units
+
+    @property
+    def label(self) -> str:
+        return self.files.label
+
+
+def load_session(session_dir: str | Path, subject: str | None = None,
+                 session: str | None = None, contrasts: Sequence[str] = CONTRASTS,
+                 keep_raw: bool = False) -> SessionData:
+    """Read, check and mode-normalise one preprocessed session.
+
+    The head mask comes from the T2w when it is among ``contrasts`` (the grid's reference),
+    otherwise from the first contrast given.
+    """
+    files = session_files(session_dir, subject, session)
+    label = files.label
+    contrasts = tuple(contrasts)
+    if not contrasts or any(c not in CONTRASTS for c in contrasts) or \
+            len(set(contrasts)) != len(contrasts):
+        raise InputError(f"contrasts must be a non-empty subset of {CONTRASTS}, got {contrasts}",
+                         session=label)
+    protocols = load_protocols(files.params, contrasts, session=label)
+    vols: dict[str, np.ndarray] = {}
+    affine = None
+    for c in contrasts:
+        data, aff = _load_volume(files.images[c], c, label)
+        if affine is None:
+            affine = aff
+        elif data.shape != next(iter(vols.values())).shape or not np.allclose(aff, affine,
+                                                                              atol=1e-3):
+            raise InputError(f"{c} is not on the same grid as {contrasts[0]}", session=label,
+                             path=files.images[c])
+        vols[c] = data
+    assert affine is not None
+    shape = next(iter(vols.values())).shape
+    brain, _ = _load_volume(files.brain_mask, "brain mask", label)
+    if brain.shape != shape:
+        raise InputError(f"brain mask shape {brain.shape} differs from the images {shape}",
+                         session=label, path=files.brain_mask)
+    ref = "T2w" if "T2w" in vols else contrasts[0]
+    head = head_mask(vols[ref])
+    if head.sum() < 100:
+        raise InputError(f"no head found in the {ref} (empty head mask)", session=label,
+                         path=files.images[ref])
+    normed = []
+    modes = {}
+    for c in contrasts:
+        try:
+            n, mode = mode_normalise(vols[c], head, c)
+        except InputError as exc:
+            raise exc.with_context(session=label, path=files.images[c]) from None
+        normed.append(n)
+        modes[c] = mode
+    images = np.stack([np.moveaxis(n, 2, 0) for n in normed], axis=1)  # (S, C, H, W)
+    return SessionData(
+        files=files, affine=affine, shape=tuple(int(s) for s in shape), images=images,
+        contrasts=contrasts, head=np.moveaxis(head, 2, 0), brain=np.moveaxis(brain > 0.5, 2, 0),
+        modes=modes, protocols=protocols, raw=vols if keep_raw else {},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# packing
+# ---------------------------------------------------------------------------------------------
+
+
+def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
+                  min_head_fraction: float = 0.05, skip_incomplete: bool = False,
+                  progress: bool = False) -> dict[str, Any]:
+    """Normalise every session once and pack its slices into memory-mapped arrays.
+
+    Slices whose head mask covers less than ``min_head_fraction`` of the slice are left out.
+    ``skip_incomplete``: sessions that cannot be read are listed in the index under
+    ``skipped`` (with the one-line reason) instead of failing the whole pack.
+    Returns the index (also written to ``out_dir/index.json``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not session_dirs:
+        raise InputError("no sessions to pack")
+    # pass 1: read headers only, to size the arrays
+    import nibabel as nib
+
+    plan: list[tuple[SessionFiles, tuple[int, ...]]] = []
+    skipped: list[dict[str, str]] = []
+    for d in session_dirs:
+        try:
+            f = session_files(d)
+            p = f.images["T2w"]
+            if not p.is_file():
+                raise InputError("T2w is missing", session=f.label, path=p)
+            plan.append((f, tuple(int(s) for s in nib.load(str(p)).shape[:3])))
+        except InputError as exc:
+            if not skip_incomplete:
+                raise
+            skipped.append({"session_dir": str(d), "reason": str(exc)})
+    if not plan:
+        raise InputError("no readable session to pack")
+    hw = plan[0][1][:2]
+    for f, shp in plan:
+        if shp[:2] != hw:
+            raise InputError(f"in-plane size {shp[:2]} differs from {hw} of the first session",
+                             session=f.label, path=f.images["T2w"])
+    n_max = sum(s[2] for _, s in plan)
+    tmp_img = out / ".images.tmp.npy"
+    tmp_msk = out / ".masks.tmp.npy"
+    images = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.float16,
+                                       shape=(n_max, 3, *hw))
+    masks = np.lib.format.open_memmap(tmp_msk, mode="w+", dtype=np.uint8, shape=(n_max, *hw))
+    sessions: list[dict[str, Any]] = []
+    slice_session: list[int] = []
+    slice_z: list[int] = []
+    n = 0
+    it: Iterable = plan
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(plan, desc="pack", unit="session")
+    try:
+        for f, _shp in it:
+            try:
+                sd = load_session(f.images["T2w"].parent.parent, f.subject, f.session)
+            except InputError as exc:
+                if not skip_incomplete:
+                    raise
+                skipped.append({"session_dir": str(f.params.parent), "reason": str(exc)})
+                continue
+            area = sd.head.reshape(sd.head.shape[0], -1).mean(axis=1)
+            keep = np.nonzero(area >= min_head_fraction)[0]
+            if keep.size == 0:
+                skipped.append({"session_dir": str(f.params.parent),
+                                "reason": f"{f.label}: no slice with enough head"})
+                continue
+            k = keep.size
+            images[n:n + k] = sd.images[keep].astype(np.float16)
+            masks[n:n + k] = sd.head[keep].astype(np.uint8) | (sd.brain[keep].astype(np.uint8) << 1)
+            si = len(sessions)
+            sessions.append({
+                "label": f.label, "subject": f.subject, "session": f.session,
+                "session_dir": str(f.params.parent), "n_slices": int(k),
+                "modes": sd.modes,
+                "protocols": {c: sd.protocols[c].as_dict() for c in CONTRASTS},
+                "protocol_rows": [protocol_row(sd.protocols[c]) for c in CONTRASTS],
+            })
+            slice_session.extend([si] * k)
+            slice_z.extend(int(z) for z in keep)
+            n += k
+        images.flush()
+        masks.flush()
+        del images, masks
+        # shrink to the slices kept (rewrite the header of a truncated copy when needed)
+        _finalise(tmp_img, out / "images.npy", n)
+        _finalise(tmp_msk, out / "masks.npy", n)
+    except BaseException:
+        for t in (tmp_img, tmp_msk):
+            with contextlib.suppress(FileNotFoundError):
+                t.unlink()
+        raise
+    index = {
+        "version": PACK_VERSION, "contrasts": list(CONTRASTS), "n_slices": n,
+        "height": int(hw[0]), "width": int(hw[1]), "images_dtype": "float16",
+        "mask_bits": {"head": 1, "brain": 2}, "min_head_fraction": min_head_fraction,
+        "protocol_columns": ["sequence", "tr_ms", "te_eff_ms", "ti_ms", "fa_deg", "ref_scale"],
+        "sequences": list(physics.SEQUENCES),
+        "sessions": sessions, "slice_session": slice_session, "slice_z": slice_z,
+        "skipped": skipped,
+    }
+    write_json(out / "index.json", index)
+    return index
+
+
+def _finalise(tmp: Path, final: Path, n: int) -> None:
+    arr = np.load(tmp, mmap_mode="r")
+    if arr.shape[0] == n:
+        del arr
+        os.replace(tmp, final)
+        return
+    part = final.with_name(f".{final.name}.part.npy")
+    dst = np.lib.format.open_memmap(part, mode="w+", dtype=arr.dtype, shape=(n, *arr.shape[1:]))
+    step = 256
+    for i in range(0, n, step):
+        dst[i:i + step] = arr[i:min(n, i + step)]
+    dst.flush()
+    del dst, arr
+    os.replace(part, final)
+    tmp.unlink()
+
+
+class PackedSlices:
+    """Read access to a packed folder (memory-mapped; nothing is loaded up front)."""
+
+    def __init__(self, pack_dir: str | Path) -> None:
+        d = Path(pack_dir)
+        idx_path = d / "index.json"
+        if not idx_path.is_file():
+            raise InputError("no packed slices here (index.json missing): run `qmriflow pack`",
+                             path=d)
+        self.index = json.loads(idx_path.read_text())
+        if self.index.get("version") != PACK_VERSION:
+            raise InputError(f"pack version {self.index.get('version')} is not {PACK_VERSION}",
+                             path=idx_path)
+        try:
+            self.images = np.load(d / "images.npy", mmap_mode="r")
+            self.masks = np.load(d / "masks.npy", mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise InputError(f"packed arrays unreadable: {exc}", path=d) from None
+        n = int(self.index["n_slices"])
+        if self.images.shape[0] != n or self.masks.shape[0] != n:
+            raise InputError("packed arrays and index.json disagree on the slice count", path=d)
+        self.slice_session = np.asarray(self.index["slice_session"], dtype=np.int64)
+        self.protocols = np.asarray([s["protocol_rows"] for s in self.index["sessions"]],
+                                    dtype=np.float32)  # (S, 3, 6)
+        self.subjects = [s["subject"] for s in self.index["sessions"]]
+
+    def __len__(self) -> int:
+        return int(self.index["n_slices"])
+
+    def slice_subjects(self) -> list[str]:
+        return [self.subjects[s] for s in self.slice_session]
+
+    def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Arrays of the slices ``idx`` (read in sorted order, returned in the given order)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.size)
+        srt = idx[order]
+        images = np.asarray(self.images[srt], dtype=np.float32)[inv]
+        masks = np.asarray(self.masks[srt])[inv]
+        ses = self.slice_session[idx]
+        return {"images": images, "head": (masks & 1).astype(bool)[:, None],
+                "brain": (masks & 2).astype(bool)[:, None], "protocols": self.protocols[ses],
+                "groups": ses}
+
+
+# ---------------------------------------------------------------------------------------------
+# split and dropout
+# ---------------------------------------------------------------------------------------------
+
+
+def split_subjects(subjects: Iterable[str], seed: int = 0,
+                   fractions: Sequence[float] = (0.80, 0.05, 0.15)) -> dict[str, str]:
+    """Deterministic subject-level split into ``train``/``val``/``test``.
+
+    The sorted unique subjects are permuted with ``numpy.random.default_rng(seed)``; the first
+    ``round(f_test·n)`` go to test, the next ``round(f_val·n)`` to val, the rest to train. With
+    three or more subjects, val and test get at least one subject each (when their fraction is
+    positive). Every subject is in exactly one split, so no subject's sessions leak across.
+    """
+    f = [float(x) for x in fractions]
+    if len(f) != 3 or any(x < 0 for x in f) or not math.isclose(sum(f), 1.0, abs_tol=1e-6):
+        raise InputError(f"split fractions must be three non-negative numbers summing to 1, "
+                         f"got {list(fractions)}")
+    subs = sorted(set(subjects))
+    n = len(subs)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = round(f[2] * n)
+    n_val = round(f[1] * n)
+    if n >= 3:
+        n_test = max(n_test, 1 if f[2] > 0 else 0)
+        n_val = max(n_val, 1 if f[1] > 0 else 0)
+    n_test = min(n_test, max(n - 1, 0))
+    n_val = min(n_val, max(n - 1 - n_test, 0))
+    out = {}
+    for rank, i in enumerate(perm):
+        out[subs[i]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return out
+
+
+def contrast_dropout(rng: np.random.Generator, n_contrasts: int = 3, p: float = 0.5,
+                     shuffle: bool = True) -> list[int]:
+    """Input channels to feed for one batch (the same for every slice of the batch).
+
+    With probability ``p`` one contrast, chosen uniformly, is withheld (never more than one, so
+    at least ``n_contrasts − 1 ≥ 1`` remain); ``shuffle`` permutes the order of the kept
+    contrasts (the network is order-invariant; this exercises it). Draws, in this order: one
+    uniform for the decision, one integer for the dropped contrast (only if dropping), one
+    permutation (only if shuffling).
+    """
+    if not 0.0 <= p <= 1.0:
+        raise InputError(f"contrast dropout probability must be in [0, 1], got {p}")
+    keep = list(range(n_contrasts))
+    if n_contrasts > 1 and rng.random() < p:
+        keep.pop(int(rng.integers(n_contrasts)))
+    if shuffle:
+        keep = [keep[i] for i in rng.permutation(len(keep))]
+    return keep

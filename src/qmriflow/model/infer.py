@@ -1,0 +1,187 @@
+"""Inference of one session: T1/T2/PD maps, re-synthesised images and difference maps.
+
+Outputs (BIDS derivatives, in the session's preprocessed space, with its affine)::
+
+    sub-X_ses-Y_space-T2w_T1map.nii.gz    T1 in seconds   (+ .json sidecar)
+    sub-X_ses-Y_space-T2w_T2map.nii.gz    T2 in seconds
+    sub-X_ses-Y_space-T2w_PDmap.nii.gz    PD, arbitrary units (water = 1)
+    sub-X_ses-Y_space-T2w_desc-synth_{T1w,T2w,FLAIR}.nii.gz       re-synthesised (input units)
+    sub-X_ses-Y_space-T2w_desc-synthdiff_{T1w,T2w,FLAIR}.nii.gz   100·(synth − input)/input, %
+
+Maps are zero outside the brain mask (as the published implementation). Re-synthesis uses
+:func:`qmriflow.physics.signal` with the session's protocol (TE correction included), the
+bounded least-squares scale over the session's head (as in training) and the histogram mode,
+so it is directly comparable with the preprocessed input (seed fig. D.1). Every sidecar names
+the checkpoint and its SHA-256, the input contrasts used and the input files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__, physics
+from ..errors import InputError
+from ..io import save_nifti
+from .checkpoint import load_model
+from .data import load_session, session_files
+from .normalise import CONTRASTS
+from .train import resolve_device, resolve_precision
+
+__all__ = ["infer_session", "map_paths", "predict_maps", "resynthesise"]
+
+MAP_UNITS = {"T1map": "s", "T2map": "s", "PDmap": "arbitrary"}
+
+
+def map_paths(out_dir: str | Path, label: str) -> dict[str, Path]:
+    """Output paths of one session (keys: T1map, T2map, PDmap, synth_<c>, synthdiff_<c>)."""
+    d = Path(out_dir)
+    pre = f"{label}_space-T2w"
+    paths = {m: d / f"{pre}_{m}.nii.gz" for m in MAP_UNITS}
+    for c in CONTRASTS:
+        paths[f"synth_{c}"] = d / f"{pre}_desc-synth_{c}.nii.gz"
+        paths[f"synthdiff_{c}"] = d / f"{pre}_desc-synthdiff_{c}.nii.gz"
+    return paths
+
+
+def predict_maps(model: torch.nn.Module, images: np.ndarray, *, device: torch.device,
+                 precision: str = "fp32", batch_size: int = 4,
+                 mask: np.ndarray | None = None) -> np.ndarray:
+    """Run the network slice-wise. ``images`` (S, N, H, W) normalised contrasts → (S, 3, H, W)
+    float32 (PD, T1 s, T2 s), zero-padded to multiples of 8 and cropped back; multiplied by
+    ``mask`` (S, H, W) if given."""
+    s, _n, h, w = images.shape
+    ph, pw = (-h) % 8, (-w) % 8
+    out = np.empty((s, 3, h, w), dtype=np.float32)
+    with torch.inference_mode():
+        for i in range(0, s, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size], np.float32))
+            if ph or pw:
+                x = torch.nn.functional.pad(x, (0, pw, 0, ph))
+            x = x.to(device)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                y = model(x)
+            out[i:i + batch_size] = y.float()[..., :h, :w].cpu().numpy()
+    if mask is not None:
+        out *= mask[:, None].astype(np.float32)
+    return out
+
+
+def resynthesise(maps: np.ndarray, protocol: physics.Protocol, normalised: np.ndarray,
+                 head: np.ndarray, bound: float = 0.2) -> tuple[np.ndarray, float]:
+    """Weighted image from maps (S, 3, H, W) in the normalised units of ``normalised`` (S, H, W):
+    ``a · signal(protocol, PD, T1, T2)`` with the bounded LS scale ``a`` over the head.
+    Returns the image and ``a / ref`` (the fitted scale relative to the WM reference)."""
+    synth = np.asarray(physics.signal(protocol, maps[:, 0].astype(np.float64),
+                                      maps[:, 1].astype(np.float64),
+                                      maps[:, 2].astype(np.float64)))
+    ref = physics.wm_reference_scale(protocol)
+    m = head & (normalised > 0)
+    a = float(physics.ls_global_scale(synth, normalised.astype(np.float64), m.astype(np.float64),
+                                      reference_scale=ref, bound=bound))
+    return (a * synth).astype(np.float32), a / ref
+
+
+def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str | Path, *,
+                  subject: str | None = None, session: str | None = None,
+                  contrasts: Sequence[str] = CONTRASTS, device: str = "auto",
+                  precision: str = "auto", batch_size: int = 4, threads: int | None = None,
+                  brain_mask: bool = True, synth: bool = True,
+                  scale_bound: float = 0.2) -> dict[str, Any]:
+    """Predict and write one session's maps (see the module docstring); returns a summary."""
+    t0 = time.perf_counter()
+    if threads:
+        torch.set_num_threads(int(threads))
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev, inference=True)
+    # the checkpoint first: a missing/corrupt model fails before any work
+    model, meta = load_model(checkpoint, dev)
+    if dev.type == "cuda":
+        model.use_channels_last(True)
+    contrasts = tuple(contrasts)
+    if not contrasts or any(c not in CONTRASTS for c in contrasts):
+        raise InputError(f"contrasts must be a non-empty subset of {CONTRASTS}, got {contrasts}")
+    # re-synthesise every contrast whose image exists (also those not fed to the network)
+    present = session_files(session_dir, subject, session).images
+    need = tuple(c for c in CONTRASTS if c in contrasts or (synth and present[c].is_file()))
+    sd = load_session(session_dir, subject, session, need, keep_raw=True)
+    label = sd.label
+    sel = [need.index(c) for c in contrasts]
+    t_read = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    try:
+        maps = predict_maps(model, sd.images[:, sel], device=dev, precision=prec,
+                            batch_size=batch_size, mask=sd.brain if brain_mask else None)
+    except RuntimeError as exc:
+        raise InputError(f"inference failed: {' '.join(str(exc).split())[:200]}",
+                         session=label) from None
+    t_net = time.perf_counter() - t1
+    if not np.isfinite(maps).all():
+        raise InputError("network produced non-finite values", session=label)
+    paths = map_paths(out_dir, label)
+    files = sd.files
+    common = {
+        "Sources": [str(files.images[c]) for c in contrasts] + [str(files.brain_mask),
+                                                                str(files.params)],
+        "InputContrasts": list(contrasts),
+        "ModelCheckpoint": str(meta["path"]),
+        "ModelCheckpointSHA256": meta["sha256"],
+        "ModelWidth": meta["width"],
+        "ModelEpoch": meta.get("epoch"),
+        "Normalisation": {"method": "histogram mode of the head (512 bins, percentile window)",
+                          "modes": {c: sd.modes[c] for c in contrasts}},
+        "MaskedBy": str(files.brain_mask) if brain_mask else None,
+        "Precision": prec,
+        "Device": str(dev),
+        "GeneratedBy": {"Name": "qmriflow", "Version": __version__},
+    }
+    affine = sd.affine
+    written: list[str] = []
+    desc = {"T1map": "longitudinal relaxation time T1", "T2map": "transverse relaxation time T2",
+            "PDmap": "proton density relative to water"}
+    for ch, key in enumerate(("PDmap", "T1map", "T2map")):
+        vol = np.moveaxis(maps[:, ch], 0, 2)
+        save_nifti(paths[key], vol, affine, {"Units": MAP_UNITS[key],
+                                             "Description": f"{desc[key]} (qmriflow, seed 000 "
+                                                            "self-supervised network)", **common})
+        written.append(str(paths[key]))
+    scales = {}
+    if synth:
+        for ci, c in enumerate(need):
+            proto = sd.protocols[c]
+            img, rel = resynthesise(maps, proto, sd.images[:, ci], sd.head, scale_bound)
+            scales[c] = rel
+            mode = sd.modes[c]
+            synth_in = np.moveaxis(img, 0, 2) * np.float32(mode)
+            raw = sd.raw[c]
+            valid = np.moveaxis(sd.brain if brain_mask else sd.head, 0, 2) & (raw > 0.05 * mode)
+            diff = np.zeros_like(raw, dtype=np.float32)
+            diff[valid] = 100.0 * (synth_in[valid] - raw[valid]) / raw[valid]
+            side = {"Units": "same as the preprocessed input",
+                    "Description": f"{c} re-synthesised from the maps with physics.signal",
+                    "Protocol": proto.as_dict(), "ScaleRelativeToWMReference": rel,
+                    "InputUsedForMaps": c in contrasts, **common}
+            save_nifti(paths[f"synth_{c}"], synth_in, affine, side)
+            save_nifti(paths[f"synthdiff_{c}"], diff, affine,
+                       {"Units": "percent", "Description": f"100*(synthesised - input)/input "
+                                                           f"for {c} inside the mask", **common})
+            written += [str(paths[f"synth_{c}"]), str(paths[f"synthdiff_{c}"])]
+    brain = sd.brain
+    summary = {
+        "session": label, "contrasts": list(contrasts), "checkpoint": str(meta["path"]),
+        "checkpoint_sha256": meta["sha256"], "precision": prec, "device": str(dev),
+        "n_slices": int(maps.shape[0]), "outputs": written,
+        "brain_median": {k: float(np.median(maps[:, ch][brain])) if brain.any() else None
+                         for ch, k in enumerate(("PD", "T1_s", "T2_s"))},
+        "scale_relative_to_reference": scales,
+        "timing_s": {"read": round(t_read, 3), "network": round(t_net, 3),
+                     "total": round(time.perf_counter() - t0, 3)},
+    }
+    return summary

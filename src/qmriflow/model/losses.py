@@ -1,0 +1,201 @@
+"""Physics-guided self-supervised loss (seed 000, section 2.2.2).
+
+For every contrast (T1w, T2w, FLAIR — all three, also when one was withheld from the input),
+the predicted maps are turned back into a weighted image by :func:`qmriflow.physics.signal`
+with each slice's own protocol (TSE/FLAIR TE correction included), rescaled by the bounded
+closed-form least-squares scale (:func:`qmriflow.physics.ls_global_scale`, ±20 % around the
+white-matter reference scale) and compared with the mode-normalised input:
+
+    L = L1 + λ_TV · TV + λ_PD · mean(max(0, 0.60 − PD))
+
+* ``L1``: mean absolute error **inside the head mask only** (the published code averages over
+  the whole slice, so the background dilutes it), averaged over the three contrasts;
+* ``TV``: isotropic total variation ‖∇Q‖₂ of PD/0.70, T1/0.85 s, T2/0.070 s (the WM reference
+  values, so the three maps weigh alike), mean over head voxels, averaged over the three maps;
+* PD hinge: soft lower bound on PD, mean over head voxels.
+
+Per-slice protocols travel as a float tensor of shape (B, 6) per contrast, columns
+:data:`PROTOCOL_COLUMNS`: sequence code (index into ``physics.SEQUENCES``), TR (ms), effective
+TE (ms, TE correction already applied), TI (ms, NaN if none), flip angle (deg, NaN if none) and
+the WM reference scale ``1 / S_WM``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .. import physics
+
+__all__ = [
+    "PROTOCOL_COLUMNS",
+    "TV_SCALES",
+    "LossWeights",
+    "bounded_scale",
+    "isotropic_tv",
+    "masked_l1",
+    "pd_hinge",
+    "physics_loss",
+    "protocol_row",
+    "synthesise",
+    "warmup_loss",
+]
+
+PROTOCOL_COLUMNS = ("sequence", "tr_ms", "te_eff_ms", "ti_ms", "fa_deg", "ref_scale")
+TV_SCALES = (physics.WM_REFERENCE["pd"], physics.WM_REFERENCE["t1_s"],
+             physics.WM_REFERENCE["t2_s"])
+"""Normalisers of PD, T1 (s), T2 (s) in the TV term."""
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights and constants of the loss (seed defaults)."""
+
+    tv: float = 0.01
+    pd: float = 0.1
+    pd_threshold: float = 0.60
+    scale_bound: float = 0.2
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def protocol_row(protocol: physics.Protocol,
+                 reference: dict[str, float] | None = None) -> list[float]:
+    """The (6,) protocol row of one series (see :data:`PROTOCOL_COLUMNS`)."""
+    p = protocol
+    return [float(physics.SEQUENCES.index(p.sequence)), float(p.tr_ms), float(p.effective_te_ms),
+            math.nan if p.ti_ms is None else float(p.ti_ms),
+            math.nan if p.fa_deg is None else float(p.fa_deg),
+            physics.wm_reference_scale(p, reference)]
+
+
+def synthesise(maps: torch.Tensor, protocols: torch.Tensor) -> torch.Tensor:
+    """Weighted images (B, 1, H, W) from maps (B, 3, H, W: PD, T1 s, T2 s) and protocol rows
+    (B, 6), grouped by sequence family and computed by :func:`qmriflow.physics.signal`."""
+    maps = maps.float()
+    out = torch.empty_like(maps[:, :1])
+    codes = protocols[:, 0].round().long()
+    for code in torch.unique(codes).tolist():
+        idx = (codes == code).nonzero(as_tuple=True)[0]
+        rows = protocols[idx].to(maps.device, torch.float32)
+
+        def col(j: int, rows: torch.Tensor = rows) -> torch.Tensor:
+            return rows[:, j].view(-1, 1, 1, 1)
+
+        seq = physics.SEQUENCES[code]
+        proto = physics.Protocol(
+            sequence=seq, tr_ms=col(1), te_ms=col(2),  # type: ignore[arg-type]
+            ti_ms=col(3) if seq in ("flair", "irgre") else None,  # type: ignore[arg-type]
+            fa_deg=col(4) if seq in ("gre", "irgre", "se") else None,  # type: ignore[arg-type]
+            te_correction=1.0,  # TE already effective
+        )
+        m = maps[idx]
+        out[idx] = physics.signal(proto, m[:, 0:1], m[:, 1:2], m[:, 2:3])
+    return out
+
+
+def bounded_scale(synth: torch.Tensor, real: torch.Tensor, mask: torch.Tensor,
+                  ref_scale: torch.Tensor, groups: torch.Tensor | None = None,
+                  bound: float = 0.2) -> torch.Tensor:
+    """Bounded least-squares scale per group of slices (B, 1, 1, 1).
+
+    ``groups`` (B,) integer ids (e.g. the session of each slice): slices of one group share
+    one scale ``clamp(Σ m·f·r / Σ m·f², (1 ± bound)·ref)``; ``None`` = one scale per slice.
+    The gradient flows through the scale, as in the published training.
+    """
+    b = synth.shape[0]
+    if groups is None:
+        groups = torch.arange(b, device=synth.device)
+    out = torch.empty(b, 1, 1, 1, dtype=synth.dtype, device=synth.device)
+    for g in torch.unique(groups).tolist():
+        idx = (groups == g).nonzero(as_tuple=True)[0]
+        ref = ref_scale[idx[0]].to(synth.dtype)
+        out[idx] = physics.ls_global_scale(synth[idx], real[idx], mask[idx],
+                                           reference_scale=ref, bound=bound).reshape(1, 1, 1, 1)
+    return out
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean |pred − target| over the voxels where ``mask`` is set (0 if the mask is empty)."""
+    m = mask.to(pred.dtype)
+    return (m * (pred - target).abs()).sum() / m.sum().clamp_min(1.0)
+
+
+def isotropic_tv(maps: torch.Tensor, mask: torch.Tensor,
+                 scales: Sequence[float] = TV_SCALES, eps: float = 1e-12) -> torch.Tensor:
+    """Isotropic TV of each map channel divided by its ``scale``, averaged over channels.
+
+    Forward differences (zero beyond the last row/column):
+    TV(Q) = Σ_i m_i·sqrt(dx_i² + dy_i² + eps) / Σ_i m_i, with ``maps`` (B, C, H, W) and
+    ``mask`` (B, 1, H, W).
+    """
+    q = maps / torch.as_tensor(list(scales), dtype=maps.dtype, device=maps.device).view(1, -1, 1, 1)
+    dx = torch.zeros_like(q)
+    dy = torch.zeros_like(q)
+    dx[..., :-1, :] = q[..., 1:, :] - q[..., :-1, :]
+    dy[..., :, :-1] = q[..., :, 1:] - q[..., :, :-1]
+    mag = torch.sqrt(dx * dx + dy * dy + eps)
+    m = mask.to(q.dtype)
+    per_map = (mag * m).sum(dim=(0, 2, 3)) / m.sum().clamp_min(1.0)
+    return per_map.mean()
+
+
+def pd_hinge(pd: torch.Tensor, mask: torch.Tensor, threshold: float = 0.60) -> torch.Tensor:
+    """Soft lower bound on PD: mean of max(0, threshold − PD) over the mask."""
+    m = mask.to(pd.dtype)
+    return (m * torch.relu(threshold - pd)).sum() / m.sum().clamp_min(1.0)
+
+
+def warmup_loss(maps: torch.Tensor, head: torch.Tensor,
+                scales: Sequence[float] = TV_SCALES) -> torch.Tensor:
+    """Warm-up term of the published training: mean over the head of |Q/Q_WM − 1| for PD,
+    T1 and T2 (Q_WM = 0.70, 0.85 s, 0.070 s), averaged over the three maps. It pulls a freshly
+    initialised network (sigmoid ≈ 0.5: T1 2.5 s, T2 1.5 s, where the weighted signals hardly
+    depend on T2) into the physiological range before the physics loss takes over."""
+    ref = torch.as_tensor(list(scales), dtype=maps.dtype, device=maps.device).view(1, -1, 1, 1)
+    m = head.to(maps.dtype)
+    per_map = (m * (maps / ref - 1.0).abs()).sum(dim=(0, 2, 3)) / m.sum().clamp_min(1.0)
+    return per_map.mean()
+
+
+def physics_loss(maps: torch.Tensor, images: torch.Tensor, head: torch.Tensor,
+                 protocols: torch.Tensor, groups: torch.Tensor | None = None,
+                 weights: LossWeights | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training objective for one batch.
+
+    ``maps`` (B, 3, H, W) PD/T1/T2; ``images`` (B, 3, H, W) mode-normalised T1w/T2w/FLAIR;
+    ``head`` (B, 1, H, W) head mask; ``protocols`` (B, 3, 6) protocol rows per contrast;
+    ``groups`` (B,) scale groups. Returns the loss and its parts as floats.
+    """
+    w = weights or LossWeights()
+    maps = maps.float()
+    images = images.float()
+    head = head.bool()
+    l1_terms = []
+    scales = []
+    for c in range(images.shape[1]):
+        real = images[:, c:c + 1]
+        m = head & (real > 0)
+        synth = synthesise(maps, protocols[:, c])
+        a = bounded_scale(synth, real, m, protocols[:, c, 5], groups, w.scale_bound)
+        scales.append(a.detach().flatten() / protocols[:, c, 5].to(a.device))
+        l1_terms.append(masked_l1(a * synth, real, m))
+    l1 = torch.stack(l1_terms).mean()
+    tv = isotropic_tv(maps, head)
+    pdh = pd_hinge(maps[:, 0:1], head, w.pd_threshold)
+    total = l1 + w.tv * tv + w.pd * pdh
+    parts = {"loss": float(total.detach()), "l1": float(l1.detach()), "tv": float(tv.detach()),
+             "pd_hinge": float(pdh.detach())}
+    for c, s in enumerate(scales):
+        parts[f"scale_rel_{c}"] = float(s.mean())
+    return total, parts
+
+
+def protocol_table(rows: Sequence[Sequence[Sequence[float]]]) -> np.ndarray:
+    """Stack per-session protocol rows into a (S, 3, 6) float64 array."""
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), 3, len(PROTOCOL_COLUMNS))

@@ -1,0 +1,301 @@
+"""Packing, training (loss goes down, exact resume), inference and the CLI of the relaxometry
+model, on tiny synthetic sessions (64×64×4) written in the preprocessing layout.
+
+The sessions are drawn here directly with ``qmriflow.physics.signal`` from simple elliptical
+head maps (scalp fat, skull, GM, WM, ventricles) with the phantom's protocol draws, an arbitrary
+global scale and Rician noise: fast, and with known truth. Accuracy on the full phantom is a
+benchmark (bench/bench_model_accuracy.py), not a test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from qmriflow import physics
+from qmriflow.errors import ConfigError, InputError
+from qmriflow.io import save_nifti, write_json
+from qmriflow.model.data import PackedSlices, load_session, pack_sessions
+from qmriflow.model.train import TrainConfig, train
+from qmriflow.phantom.protocols import draw_session_protocols
+from qmriflow.phantom.tissues import BY_NAME
+
+SIZE = 64
+N_SLICES = 4
+SUBJECTS = ("A01", "B02", "C03", "D04", "E05")
+
+
+def _ellipse(shape: tuple[int, int], c: tuple[float, float], r: tuple[float, float]
+             ) -> np.ndarray:
+    y, x = np.indices(shape, dtype=np.float64)
+    return ((y - c[0]) / r[0]) ** 2 + ((x - c[1]) / r[1]) ** 2 <= 1.0
+
+
+def tiny_truth(rng: np.random.Generator, size: int = SIZE, n_slices: int = N_SLICES
+               ) -> dict[str, np.ndarray]:
+    """Label volume (H, W, S) and PD/T1/T2 maps of a small elliptical head."""
+    from scipy import ndimage as ndi
+
+    lab = np.zeros((size, size, n_slices), np.uint8)
+    names = {1: "GM", 2: "WM", 3: "CSF", 7: "bone", 9: "fat"}
+    cy, cx = size / 2 + rng.normal(0, 1.5), size / 2 + rng.normal(0, 1.5)
+    ry, rx = size * 0.42 * rng.uniform(0.9, 1.0), size * 0.36 * rng.uniform(0.9, 1.0)
+    for k in range(n_slices):
+        s = 1.0 - 0.04 * abs(k - n_slices / 2)
+        sl = np.zeros((size, size), np.uint8)
+        sl[_ellipse(sl.shape, (cy, cx), (ry * s, rx * s))] = 9
+        sl[_ellipse(sl.shape, (cy, cx), (ry * s - 3, rx * s - 3))] = 7
+        sl[_ellipse(sl.shape, (cy, cx), (ry * s - 5, rx * s - 5))] = 1
+        sl[_ellipse(sl.shape, (cy, cx), (ry * s - 9, rx * s - 9))] = 2
+        for side in (-1, 1):
+            sl[_ellipse(sl.shape, (cy - 2, cx + side * 4), (6 * s, 2.5))] = 3
+        sl[_ellipse(sl.shape, (cy + 5, cx + rng.normal(0, 3)), (3, 4))] = 1  # deep GM
+        lab[..., k] = sl
+    maps = {}
+    for key, attr in (("pd", "pd"), ("t1", "t1_s"), ("t2", "t2_s")):
+        arr = np.zeros(lab.shape)
+        for v, n in names.items():
+            arr[lab == v] = getattr(BY_NAME[n], attr) * (1 + rng.normal(0, 0.02))
+        maps[key] = ndi.gaussian_filter(arr, (0.6, 0.6, 0))  # partial volume
+    maps["dseg"] = np.where(np.isin(lab, (1, 2, 3)), lab, 0).astype(np.uint8)
+    maps["brain"] = np.isin(lab, (1, 2, 3)).astype(np.uint8)
+    return maps
+
+
+def write_tiny_session(root: Path, subject: str, session: str, seed: int,
+                       snr: float = 40.0, size: int = SIZE, n_slices: int = N_SLICES) -> Path:
+    """A session folder in the preprocessing layout (images, brain mask, params JSON)."""
+    rng = np.random.default_rng(seed)
+    t = tiny_truth(rng, size, n_slices)
+    _, series = draw_session_protocols(rng)
+    label = f"sub-{subject}_ses-{session}"
+    d = root / f"sub-{subject}" / f"ses-{session}"
+    anat = d / "anat"
+    aff = np.diag([-1.0, -1.0, 4.0, 1.0])
+    aff[:3, 3] = [size / 2, size / 2, -2.0 * n_slices]
+    params: dict = {"session": label}
+    for sp in series[:3]:
+        p = sp.protocol
+        assert p is not None
+        s = np.asarray(physics.signal(p, t["pd"], t["t1"], t["t2"]))
+        scale = float(np.exp(rng.uniform(np.log(300), np.log(3000))))
+        sigma = scale * float(s[t["brain"] > 0].mean()) / snr
+        img = np.sqrt((scale * s + rng.normal(0, sigma, s.shape)) ** 2
+                      + rng.normal(0, sigma, s.shape) ** 2)
+        name = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR"}[sp.role]
+        save_nifti(anat / f"{label}_space-T2w_desc-preproc_{name}.nii.gz", img, aff)
+        params[sp.role] = {"role": sp.role, **p.as_dict(), "field_strength_t": 3.0}
+    save_nifti(anat / f"{label}_space-T2w_desc-brain_mask.nii.gz", t["brain"], aff,
+               dtype=np.uint8)
+    save_nifti(anat / f"{label}_space-T2w_dseg.nii.gz", t["dseg"], aff, dtype=np.uint8)
+    for key in ("pd", "t1", "t2"):
+        save_nifti(d / "truth" / f"{key}.nii.gz", t[key], aff)
+    write_json(d / f"{label}_desc-protocol_params.json", params)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_sessions(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("tiny") / "results"
+    dirs = []
+    for i, sub in enumerate(SUBJECTS):
+        for j in range(2 if i < 2 else 1):
+            dirs.append(write_tiny_session(root, sub, f"V{j + 1:02d}", seed=100 * i + j))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_sessions, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pack")
+    pack_sessions(tiny_sessions, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# packing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pack_layout_and_normalisation(packed, tiny_sessions):
+    p = PackedSlices(packed)
+    idx = p.index
+    assert len(idx["sessions"]) == len(tiny_sessions)
+    assert p.images.dtype == np.float16 and p.images.shape == (len(p), 3, SIZE, SIZE)
+    assert isinstance(p.images, np.memmap)
+    assert p.masks.shape == (len(p), SIZE, SIZE)
+    assert len(idx["slice_session"]) == len(idx["slice_z"]) == len(p)
+    assert not list(packed.glob(".*tmp*"))  # no temporary files left
+    # per-slice subject and protocol are one look-up away
+    first = idx["sessions"][0]
+    assert first["subject"] == SUBJECTS[0]
+    assert set(first["protocols"]) == {"T1w", "T2w", "FLAIR"}
+    assert first["protocols"]["T2w"]["te_correction_factor"] == pytest.approx(0.9)
+    b = p.batch(np.array([3, 0, 5]))
+    assert b["images"].shape == (3, 3, SIZE, SIZE) and b["protocols"].shape == (3, 3, 6)
+    np.testing.assert_array_equal(b["groups"], p.slice_session[[3, 0, 5]])
+    np.testing.assert_array_equal(b["images"][1], p.images[0].astype(np.float32))
+    # mode normalisation puts white matter near 1 in every contrast (loosely: in this toy head
+    # WM is a small share of the head, so the T2w mode sits between WM and scalp), and the
+    # head mask contains the brain
+    sd = load_session(tiny_sessions[0])
+    dseg = np.moveaxis(nib.load(str(sd.files.dseg)).get_fdata(), 2, 0)
+    for c in range(3):
+        wm = float(np.median(sd.images[:, c][dseg == 2]))
+        assert 0.65 < wm < 1.35, (c, wm)
+    assert np.all(sd.head[sd.brain])
+
+
+def test_pack_errors(tiny_sessions, tmp_path):
+    with pytest.raises(InputError, match="no sessions"):
+        pack_sessions([], tmp_path / "p0")
+    bad = tmp_path / "results" / "sub-Z" / "ses-1"
+    (bad / "anat").mkdir(parents=True)
+    with pytest.raises(InputError, match="T2w is missing"):
+        pack_sessions([tiny_sessions[0], bad], tmp_path / "p1")
+    assert not (tmp_path / "p1" / "index.json").exists()
+    idx = pack_sessions([tiny_sessions[0], bad], tmp_path / "p2", skip_incomplete=True)
+    assert len(idx["sessions"]) == 1 and len(idx["skipped"]) == 1
+    assert "sub-Z_ses-1" in idx["skipped"][0]["reason"]
+
+
+# ---------------------------------------------------------------------------------------------
+# training: loss goes down, exact resume, checkpoints and artefacts
+# ---------------------------------------------------------------------------------------------
+
+CFG = dict(width=8, epochs=3, batch_size=4, device="cpu", threads=1, val_max_slices=8)
+
+
+@pytest.fixture(scope="module")
+def trained(packed, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("model")
+    summary = train(packed, out, TrainConfig(**CFG), progress=False)
+    return out, summary
+
+
+def test_training_lowers_the_loss(trained, packed):
+    out, summary = trained
+    hist = summary["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert hist[-1]["train_loss"] < 0.95 * hist[0]["train_loss"]
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"]
+    assert summary["finished"]
+    for name in ("model.pt", "last.pt", "hyperparameters.json", "split.json", "history.tsv",
+                 "training_curve.png"):
+        assert (out / name).is_file(), name
+    assert (out / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hp = json.loads((out / "hyperparameters.json").read_text())
+    assert hp["hyperparameters"]["lr"] == 1e-3 and hp["hyperparameters"]["init"] == "kaiming"
+    assert hp["hyperparameters"]["lambda_tv"] == 0.01 and hp["hyperparameters"]["lambda_pd"] == 0.1
+    split = json.loads((out / "split.json").read_text())["subjects"]
+    assert sorted(split) == sorted(SUBJECTS)
+    assert {v for v in split.values()} == {"train", "val", "test"}
+    best = torch.load(out / "model.pt", weights_only=True)
+    assert best["val_loss"] == pytest.approx(min(h["val_loss"] for h in hist))
+
+
+def test_interrupted_training_resumes_exactly(trained, packed, tmp_path):
+    ref_out, _ = trained
+    out = tmp_path / "resumed"
+    s1 = train(packed, out, TrainConfig(**CFG), progress=False, max_epochs_this_run=1)
+    assert not s1["finished"] and [h["epoch"] for h in s1["history"]] == [1]
+    (out / "model.pt").unlink()  # as a workflow manager does with a failed job's outputs
+    s2 = train(packed, out, TrainConfig(**CFG), progress=False)
+    assert s2["finished"] and [h["epoch"] for h in s2["history"]] == [1, 2, 3]
+    ref = torch.load(ref_out / "last.pt", weights_only=True)["state_dict"]
+    got = torch.load(out / "last.pt", weights_only=True)["state_dict"]
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    ref_best = torch.load(ref_out / "model.pt", weights_only=True)
+    got_best = torch.load(out / "model.pt", weights_only=True)
+    assert got_best["epoch"] == ref_best["epoch"]
+    # other hyper-parameters cannot silently continue a run
+    with pytest.raises(ConfigError, match="other hyper-parameters"):
+        train(packed, out, TrainConfig(**{**CFG, "lr": 1e-4}), progress=False)
+    # but more epochs can
+    s3 = train(packed, out, TrainConfig(**{**CFG, "epochs": 4}), progress=False)
+    assert [h["epoch"] for h in s3["history"]] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# inference and the CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def test_infer_writes_maps_with_affine_units_and_hash(trained, tiny_sessions, tmp_path):
+    from qmriflow.model.checkpoint import sha256_file
+    from qmriflow.model.infer import infer_session, map_paths
+
+    out, _ = trained
+    sdir = tiny_sessions[-1]
+    info = infer_session(sdir, out / "model.pt", tmp_path / "maps", device="cpu", threads=1)
+    label = sdir.parent.name + "_" + sdir.name
+    paths = map_paths(tmp_path / "maps", label)
+    ref = nib.load(str(sdir / "anat" / f"{label}_space-T2w_desc-preproc_T2w.nii.gz"))
+    brain = nib.load(str(sdir / "anat" / f"{label}_space-T2w_desc-brain_mask.nii.gz")
+                     ).get_fdata() > 0
+    for key, units in (("T1map", "s"), ("T2map", "s"), ("PDmap", "arbitrary")):
+        img = nib.load(str(paths[key]))
+        np.testing.assert_allclose(img.affine, ref.affine, atol=1e-5)
+        assert img.shape == ref.shape
+        data = img.get_fdata()
+        assert np.all(data[~brain] == 0) and np.all(np.isfinite(data))
+        side = json.loads(paths[key].with_name(paths[key].name[:-7] + ".json").read_text())
+        assert side["Units"] == units
+        assert side["ModelCheckpointSHA256"] == sha256_file(out / "model.pt")
+        assert side["InputContrasts"] == ["T1w", "T2w", "FLAIR"]
+    t1 = nib.load(str(paths["T1map"])).get_fdata()[brain]
+    assert 0 < np.median(t1) < 5  # seconds, not milliseconds
+    for c in ("T1w", "T2w", "FLAIR"):
+        assert paths[f"synth_{c}"].is_file() and paths[f"synthdiff_{c}"].is_file()
+    assert info["n_slices"] == N_SLICES
+    # drop a contrast: still maps, sidecar names the inputs used
+    infer_session(sdir, out / "model.pt", tmp_path / "maps2", contrasts=("T1w", "FLAIR"),
+                  device="cpu", threads=1, synth=False)
+    side = json.loads((tmp_path / "maps2" / f"{label}_space-T2w_T1map.json").read_text())
+    assert side["InputContrasts"] == ["T1w", "FLAIR"]
+
+
+def test_cli_pack_train_infer_and_errors(tiny_sessions, trained, tmp_path, capsys):
+    from qmriflow.cli import main
+
+    results = tiny_sessions[0].parent.parent
+    assert main(["pack", str(tmp_path / "pack"), "--results-dir", str(results)]) == 0
+    assert main(["train", str(tmp_path / "pack"), str(tmp_path / "m"), "--width", "4",
+                 "--epochs", "1", "--batch-size", "4", "--steps-per-epoch", "1",
+                 "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
+    assert (tmp_path / "m" / "model.pt").is_file()
+    sdir = tiny_sessions[1]
+    sub, ses = sdir.parent.name[4:], sdir.name[4:]
+    prov = tmp_path / "prov.json"
+    assert main(["infer", str(sdir), "--checkpoint", str(tmp_path / "m" / "model.pt"),
+                 "--out-dir", str(tmp_path / "maps"), "--subject", sub, "--session", ses,
+                 "--device", "cpu", "--threads", "1", "--provenance", str(prov)]) == 0
+    assert prov.is_file()
+    capsys.readouterr()
+    # a missing checkpoint: exit 1, one line naming session and file, a failure record,
+    # and no maps written (never random weights)
+    fails = tmp_path / "failures"
+    rc = main(["infer", str(sdir), "--checkpoint", str(tmp_path / "missing.pt"),
+               "--out-dir", str(tmp_path / "maps3"), "--subject", sub, "--session", ses,
+               "--failures", str(fails)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "\n" not in err
+    assert f"sub-{sub}_ses-{ses}" in err and "missing.pt" in err and "not found" in err
+    assert not (tmp_path / "maps3").exists() or not list((tmp_path / "maps3").iterdir())
+    assert list(fails.rglob("*"))
+    # a corrupt checkpoint, same
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    rc = main(["infer", str(sdir), "--checkpoint", str(bad), "--out-dir",
+               str(tmp_path / "maps4"), "--subject", sub, "--session", ses])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "corrupt" in err and "\n" not in err
+    rc = main(["infer", str(sdir), "--checkpoint", str(bad), "--out-dir",
+               str(tmp_path / "maps4"), "--subject", sub, "--session", ses,
+               "--contrasts", "T1w,PD"])
+    assert rc == 1
