@@ -21,6 +21,7 @@ localrules:
     all,
     all_params,
     all_preproc,
+    all_cse,
     dataset_description,
 
 
@@ -28,13 +29,21 @@ include: "rules/common.smk"
 include: "rules/convert.smk"
 include: "rules/preproc.smk"
 include: "rules/model.smk"
+include: "rules/cse.smk"
 
 
 rule all:
     input:
         final_outputs,
         model_outputs,
+        cse_outputs,
         OUT / "dataset_description.json",
+
+
+# Fat/water maps only.
+rule all_cse:
+    input:
+        cse_outputs,
 
 
 # Preprocessing only (registration ... segmentation), no model.

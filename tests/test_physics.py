@@ -325,3 +325,69 @@ def test_log_i0_against_scipy():
 
     z = np.array([0.0, 1e-3, 0.5, 3.0, 50.0, 500.0])
     np.testing.assert_allclose(ph.log_i0(z), np.log(i0(z)), rtol=1e-9)
+
+
+def test_cse_magnitude_jacobian_matches_autograd():
+    te = [1.15 * k for k in range(1, 7)]
+    s0 = torch.tensor([1.0, 2.5, 0.7], dtype=torch.float64, requires_grad=True)
+    p = torch.tensor([0.0, 0.4, 0.93], dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([0.0, 150.0, 480.0], dtype=torch.float64, requires_grad=True)
+    sig, d_s0, d_p, d_r = ph.cse_magnitude_jacobian(s0, p, r, te, 3.0)
+    ref = ph.cse_magnitude(s0, p, r, te, 3.0)
+    torch.testing.assert_close(sig, ref)
+    for e in range(len(te)):
+        g = torch.autograd.grad(ref[:, e].sum(), (s0, p, r), retain_graph=True)
+        torch.testing.assert_close(d_s0[:, e], g[0])
+        torch.testing.assert_close(d_p[:, e], g[1])
+        torch.testing.assert_close(d_r[:, e], g[2])
+    # second derivatives against autograd of the first ones
+    out = ph.cse_magnitude_jacobian(s0, p, r, te, 3.0, second=True)
+    d_s0p, d_s0r, d_pp, d_pr, d_rr = out[4:]
+    for e in range(len(te)):
+        gp = torch.autograd.grad(d_p[:, e].sum(), (s0, p, r), retain_graph=True)
+        gr = torch.autograd.grad(d_r[:, e].sum(), (r,), retain_graph=True)
+        torch.testing.assert_close(d_s0p[:, e], gp[0])
+        torch.testing.assert_close(d_pp[:, e], gp[1])
+        torch.testing.assert_close(d_pr[:, e], gp[2])
+        torch.testing.assert_close(d_rr[:, e], gr[0])
+        gs = torch.autograd.grad(d_s0[:, e].sum(), (r,), retain_graph=True)
+        torch.testing.assert_close(d_s0r[:, e], gs[0])
+    # NumPy back-end gives the same numbers
+    got = ph.cse_magnitude_jacobian(s0.detach().numpy(), p.detach().numpy(),
+                                    r.detach().numpy(), te, 3.0)
+    np.testing.assert_allclose(got[2], d_p.detach().numpy(), rtol=1e-12)
+
+
+def test_rician_nll_derivatives_match_finite_differences():
+    m = np.array([0.0, 0.01, 0.3, 1.0, 5.0, 40.0])
+    nu = np.array([0.2, 0.02, 0.25, 1.3, 4.0, 41.0])
+    sigma = 0.7
+    d1, d2 = ph.rician_nll_derivatives(m, nu, sigma)
+    h = 1e-5
+    f = lambda v: ph.rician_nll(m, v, sigma)  # noqa: E731
+    np.testing.assert_allclose(d1, (f(nu + h) - f(nu - h)) / (2 * h), rtol=1e-5, atol=1e-7)
+    h2 = 1e-3
+    np.testing.assert_allclose(d2, (f(nu + h2) - 2 * f(nu) + f(nu - h2)) / h2**2, rtol=1e-4,
+                               atol=1e-5)
+    t1, t2 = ph.rician_nll_derivatives(torch.tensor(m), torch.tensor(nu), sigma)
+    np.testing.assert_allclose(t1.numpy(), d1, rtol=1e-10)
+    np.testing.assert_allclose(t2.numpy(), d2, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_rician_nll_with_derivatives_matches_reference(backend):
+    rng = np.random.default_rng(3)
+    nu = np.concatenate([np.linspace(0, 3, 50), np.geomspace(3, 300, 200)])
+    m = np.abs(nu + rng.standard_normal(nu.size) + 1j * rng.standard_normal(nu.size))
+    m[0] = 0.0
+    sigma = 1.3
+    want = (ph.rician_nll(m, nu, sigma), *ph.rician_nll_derivatives(m, nu, sigma))
+    if backend == "torch":
+        got = [v.numpy() for v in ph.rician_nll_with_derivatives(
+            torch.tensor(m), torch.tensor(nu), sigma)]
+    else:
+        got = ph.rician_nll_with_derivatives(m, nu, sigma)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-8)  # d1 ~ difference of O(100)
+    z = m * nu / sigma**2
+    assert (z > 50).sum() > 100 and (z < 50).sum() > 20  # both branches exercised

@@ -426,7 +426,7 @@ def _demo(a: argparse.Namespace) -> int:
 
 #: modules that add more steps with the same ``@command`` decorator (imported lazily so that
 #: ``qmriflow --help`` stays fast and the science modules are not imported at start-up)
-_COMMAND_MODULES = ("qmriflow.cli_cse", "qmriflow.cli_model")
+_COMMAND_MODULES = ("qmriflow.cli_cse", "qmriflow.cli_model", "qmriflow.cli_stats")
 
 
 def _load_command_modules() -> None:
