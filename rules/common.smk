@@ -46,3 +46,19 @@ def session_flags(wildcards):
         f"--subject {wildcards.subject} --session {wildcards.session} "
         f"--failures {FAILURES}"
     )
+
+
+def cse_outputs(wildcards):
+    """PDFF maps of every selected multi-echo GRE series of every discovered session."""
+    from qmriflow.discover import read_series_tsv
+
+    tsv = checkpoints.discover.get().output.series
+    m = config["cse"]["method"]
+    return [
+        str(OUT / "sub-{subject}" / "ses-{session}" / "anat"
+            / f"{SES}_acq-{{acq}}_desc-{m}_PDFFmap.nii.gz").format(
+            subject=r["subject"], session=r["session"], acq=r["series_id"]
+        )
+        for r in read_series_tsv(tsv)
+        if r.get("role") == "megre" and r.get("selected")
+    ]

@@ -5,19 +5,6 @@ CSE_PRE = f"{SES}_acq-{{acq}}"
 CSE_DIR = OUT / "sub-{subject}" / "ses-{session}" / "anat"
 
 
-def cse_outputs(wildcards):
-    """PDFF maps of every selected multi-echo GRE series of every discovered session."""
-    from qmriflow.discover import read_series_tsv
-
-    tsv = checkpoints.discover.get().output.series
-    m = CSE["method"]
-    return [
-        str(CSE_DIR / f"{CSE_PRE}_desc-{m}_PDFFmap.nii.gz").format(
-            subject=r["subject"], session=r["session"], acq=r["series_id"]
-        )
-        for r in read_series_tsv(tsv)
-        if r.get("role") == "megre" and r.get("selected")
-    ]
 
 
 rule cse:
