@@ -30,12 +30,14 @@ include: "rules/convert.smk"
 include: "rules/preproc.smk"
 include: "rules/model.smk"
 include: "rules/cse.smk"
+include: "rules/stats.smk"
 
 
 rule all:
     input:
         final_outputs,
         model_outputs,
+        stats_outputs,
         cse_outputs,
         OUT / "dataset_description.json",
 

@@ -62,3 +62,15 @@ def cse_outputs(wildcards):
         for r in read_series_tsv(tsv)
         if r.get("role") == "megre" and r.get("selected")
     ]
+
+
+def stats_outputs(wildcards):
+    """Targets of rules/stats.smk: every session's tissue table and QC
+    page, the cohort tables, the reproducibility table (if enabled) and the cohort page."""
+    targets = session_targets(ANAT / f"{SES}_space-T2w_desc-tissue_stats.tsv")
+    targets += session_targets(OUT / "reports" / f"{SES}.html")
+    targets += [str(OUT / "group" / "cohort_tissue_stats.tsv"),
+                str(OUT / "reports" / "cohort.html")]
+    if config["stats"]["repro"]:
+        targets.append(str(OUT / "group" / "reproducibility.tsv"))
+    return targets
