@@ -35,7 +35,7 @@ def run_demo(out: Path, *, cores: int = 2, subjects: int = 3, sessions: int = 1)
     if not (archive / "manifest.json").is_file():
         print(f"[demo] generating phantom archive in {archive}", flush=True)
         generate_archive(archive, PhantomOptions(subjects=subjects, sessions=sessions,
-                                                 size="small", seed=0))
+                                                 size="small", seed=0, cse=True))
     cfg = out / "config.yaml"
     cfg.write_text(yaml.safe_dump({
         "input_dir": str(archive / "dicom"),
