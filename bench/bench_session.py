@@ -1,7 +1,8 @@
 """Per-step wall time and peak memory of the preprocessing workflow on full-size sessions.
 
 Generates a full-size phantom archive (default 1 subject × 1 session), runs the Snakemake
-workflow with ``--cores 2`` and reads the ``benchmark:`` files every rule writes
+workflow's preprocessing (target ``all_preproc``) with ``--cores 2`` and reads the
+``benchmark:`` files every rule writes
 (``<work>/benchmarks/<rule>/<session>.tsv``: seconds and max RSS).
 
 Usage: python bench/bench_session.py [--sessions N] [--cores 2] [--keep DIR]
@@ -46,7 +47,8 @@ def main() -> None:
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
                     "--configfile", str(root / "config.yaml"), "--cores", str(a.cores),
-                    "--forceall", "--quiet"], check=True, cwd=root, env=env)
+                    "all_preproc", "--forceall", "--quiet", "progress"],
+                   check=True, cwd=root, env=env)
     total = time.perf_counter() - t
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, --cores {a.cores}, "
           f"{a.size} phantom, {a.sessions} session(s)")
