@@ -94,6 +94,8 @@ def _hyper_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-max-slices", type=int, default=1024)
     p.add_argument("--warmup-epochs", type=int, default=1,
                    help="epochs that also pull the maps towards WM values (published: 1)")
+    p.add_argument("--warmup-min-steps", type=int, default=300,
+                   help="the warm-up lasts at least this many optimiser steps")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--threads", type=int, default=None)
@@ -108,7 +110,7 @@ def _train_config(a: argparse.Namespace):
         scale_bound=a.scale_bound, dropout=a.dropout, init=a.init, seed=a.seed,
         split=_floats(a.split, 3, "--split"), scale_group=a.scale_group,  # type: ignore[arg-type]
         steps_per_epoch=a.steps_per_epoch, val_max_slices=a.val_max_slices,
-        warmup_epochs=a.warmup_epochs, device=a.device,
+        warmup_epochs=a.warmup_epochs, warmup_min_steps=a.warmup_min_steps, device=a.device,
         precision=a.precision, threads=a.threads,
     )
 

@@ -5,7 +5,9 @@ subjects, Kaiming initialisation, 50 epochs, contrast dropout 0.5, the physics l
 :mod:`qmriflow.model.losses`; as in the published implementation, the first epoch
 (``warmup_epochs``) adds :func:`~qmriflow.model.losses.warmup_loss`, which pulls the maps
 towards white-matter values (without it a narrow network stalls at T2 ≈ 1 s, where the weighted
-signals hardly depend on T2: measured on the phantom, bench/RESULTS_model.md).
+signals hardly depend on T2: measured on the phantom, bench/RESULTS.md). On the seed's data an
+epoch is thousands of steps; on a small archive it can be a dozen, too few to leave that
+plateau, so the warm-up also lasts at least ``warmup_min_steps`` optimiser steps.
 The split is by subject (80/5/15, deterministic from the seed).
 
 Outputs in the training folder:
@@ -68,6 +70,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # None: one pass over the training slices
     val_max_slices: int | None = 1024
     warmup_epochs: int = 1  # published: one epoch pulling the maps towards WM values
+    warmup_min_steps: int = 300  # ... and at least this many steps (small archives)
     # run settings (may change between an interrupted run and its resumption)
     device: str = "auto"
     precision: str = "auto"
@@ -82,6 +85,7 @@ class TrainConfig:
             (self.width >= 1, "width must be >= 1"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (self.warmup_min_steps >= 0, "warmup_min_steps must be >= 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.lr > 0 and math.isfinite(self.lr), "lr must be > 0"),
             (self.lambda_tv >= 0 and self.lambda_pd >= 0, "loss weights must be >= 0"),
@@ -351,7 +355,7 @@ def train(pack_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = N
             groups = b["groups"] if cfg.scale_group == "session" else None
             loss, parts = physics_loss(maps.float(), b["images"], b["head"], b["protocols"],
                                        groups, weights)
-            if epoch < cfg.warmup_epochs:
+            if epoch < cfg.warmup_epochs or epoch * steps + step < cfg.warmup_min_steps:
                 loss = loss + warmup_loss(maps.float(), b["head"])
             if not torch.isfinite(loss):
                 raise InputError(f"training diverged (loss {float(loss)}) at epoch {epoch + 1} "
