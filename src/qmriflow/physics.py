@@ -509,6 +509,22 @@ class FatSpectrum:
 DEFAULT_FAT_SPECTRUM = FatSpectrum()
 
 
+def _cse_terms(s0: Any, pdff: Any, r2star_per_s: Any, te_ms: Sequence[float] | np.ndarray,
+               field_t: float, spectrum: FatSpectrum | None) -> tuple[Any, ...]:
+    """Shared set-up of :func:`cse_magnitude` and its Jacobian: ``(xp, s0, pdff, r2s, cre,
+    cim, t_s, re, im)`` with the echo axis appended, ``c = cre + i·cim`` the fat phasor sum
+    and ``re + i·im = (1 − p) + p·c``."""
+    spec = spectrum or DEFAULT_FAT_SPECTRUM
+    cre, cim = spec.phasor(te_ms, field_t)
+    t_s = np.asarray(te_ms, dtype=np.float64) / 1000.0
+    xp, (s0, pdff, r2s) = _prep(s0, pdff, r2star_per_s)
+    cre, cim, t_s = (xp.asarray(v, s0 if _is_torch(s0) else pdff) for v in (cre, cim, t_s))
+    s0, pdff, r2s = s0[..., None], pdff[..., None], r2s[..., None]
+    re = (1.0 - pdff) + pdff * cre
+    im = pdff * cim
+    return xp, s0, pdff, r2s, cre, cim, t_s, re, im
+
+
 def cse_magnitude(
     s0: Any,
     pdff: Any,
@@ -524,14 +540,8 @@ def cse_magnitude(
     ``s0``, ``pdff``, ``r2star_per_s`` broadcast together (any leading shape); the echo axis
     is appended last, so the result has shape ``broadcast(s0, pdff, r2*) + (n_echo,)``.
     """
-    spec = spectrum or DEFAULT_FAT_SPECTRUM
-    cre, cim = spec.phasor(te_ms, field_t)
-    t_s = np.asarray(te_ms, dtype=np.float64) / 1000.0
-    xp, (s0, pdff, r2s) = _prep(s0, pdff, r2star_per_s)
-    cre, cim, t_s = (xp.asarray(v, s0 if _is_torch(s0) else pdff) for v in (cre, cim, t_s))
-    s0, pdff, r2s = s0[..., None], pdff[..., None], r2s[..., None]
-    re = (1.0 - pdff) + pdff * cre
-    im = pdff * cim
+    xp, s0, _, r2s, _, _, t_s, re, im = _cse_terms(s0, pdff, r2star_per_s, te_ms, field_t,
+                                                   spectrum)
     return s0 * xp.sqrt(re * re + im * im) * xp.exp(-r2s * t_s)
 
 
@@ -556,14 +566,8 @@ def cse_magnitude_jacobian(
     S0·E·(|c − 1|² − A'²)/A, −t·dS/dp, t²·S); d²S/dS0² = 0. ``eps`` guards the division
     where the water and fat phasors cancel (A = 0).
     """
-    spec = spectrum or DEFAULT_FAT_SPECTRUM
-    cre, cim = spec.phasor(te_ms, field_t)
-    t_s = np.asarray(te_ms, dtype=np.float64) / 1000.0
-    xp, (s0, pdff, r2s) = _prep(s0, pdff, r2star_per_s)
-    cre, cim, t_s = (xp.asarray(v, s0 if _is_torch(s0) else pdff) for v in (cre, cim, t_s))
-    s0, pdff, r2s = s0[..., None], pdff[..., None], r2s[..., None]
-    re = (1.0 - pdff) + pdff * cre
-    im = pdff * cim
+    xp, s0, pdff, r2s, cre, cim, t_s, re, im = _cse_terms(s0, pdff, r2star_per_s, te_ms,
+                                                         field_t, spectrum)
     a = xp.sqrt(re * re + im * im)
     e = xp.exp(-r2s * t_s)
     d_s0 = a * e

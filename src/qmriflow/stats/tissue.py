@@ -151,6 +151,16 @@ def _load(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
+def _usable_voxels(maps: Mapping[str, np.ndarray], valid: np.ndarray | None) -> np.ndarray:
+    """Voxels where every map is finite (and ``valid`` is set, if given)."""
+    finite = np.ones(np.shape(next(iter(maps.values()))), dtype=bool)
+    for a in maps.values():
+        finite &= np.isfinite(a)
+    if valid is not None:
+        finite &= np.asarray(valid, dtype=bool)
+    return finite
+
+
 def tissue_statistics(maps: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray],
                       valid: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Mean, SD (ddof=1), median and voxel count of every map inside every mask.
@@ -162,11 +172,7 @@ def tissue_statistics(maps: Mapping[str, np.ndarray], masks: Mapping[str, np.nda
     shapes = {np.shape(a) for a in [*maps.values(), *masks.values()]}
     if len(shapes) != 1:
         raise InputError(f"maps and masks differ in shape: {sorted(shapes)}")
-    finite = np.ones(next(iter(shapes)), dtype=bool)
-    for a in maps.values():
-        finite &= np.isfinite(a)
-    if valid is not None:
-        finite &= np.asarray(valid, dtype=bool)
+    finite = _usable_voxels(maps, valid)
     rows = []
     for tissue, mask in masks.items():
         sel = np.asarray(mask, dtype=bool) & finite
@@ -186,11 +192,7 @@ def tissue_histograms(maps: Mapping[str, np.ndarray], masks: Mapping[str, np.nda
     """Fixed-bin value histograms (fraction of the tissue's voxels per bin; values beyond the
     range fall in the end bins) per tissue and map: long table with columns tissue,
     parameter, bin_start, bin_end, fraction."""
-    finite = np.ones(np.shape(next(iter(maps.values()))), dtype=bool)
-    for a in maps.values():
-        finite &= np.isfinite(a)
-    if valid is not None:
-        finite &= np.asarray(valid, dtype=bool)
+    finite = _usable_voxels(maps, valid)
     rows = []
     for tissue, mask in masks.items():
         sel = np.asarray(mask, dtype=bool) & finite
