@@ -24,12 +24,13 @@ rule register:
         / f"sub-{w.subject}_ses-{w.session}_FLAIR.nii.gz",
         inplane=PP["inplane_mm"],
         size=PP["matrix"],
+        mt="" if PP["deterministic"] else "--multithreaded",
         flags=session_flags,
     benchmark:
         WORK / "benchmarks" / "register" / f"{SES}.tsv"
     log:
         LOGS / "register" / f"{SES}.log",
-    threads: PP["threads"]
+    threads: PP["threads"] if not PP["deterministic"] else 1
     resources:
         mem_mb=PP["register_mem_mb"],
     container:
@@ -37,7 +38,7 @@ rule register:
     shell:
         "qmriflow register --t1w {params.t1w} --t2w {params.t2w} --flair {params.flair} "
         "--out-dir {params.outdir} --inplane-mm {params.inplane} --size {params.size} "
-        "--threads {threads} {params.flags} --provenance {output.prov} &> {log}"
+        "--threads {threads} {params.mt} {params.flags} --provenance {output.prov} &> {log}"
 
 
 rule n4:

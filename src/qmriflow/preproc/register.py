@@ -497,6 +497,11 @@ def _registration_args(fixed_s: str, moving_s: str, fmask_s: str, fcom_s: str, m
             + "vox",
             "--masks", f"[{fmask_s},NA]",
         ]
+    if int(seed) < 1:
+        # antsRegistration reads --random-seed 0 as "no seed": it then seeds its sampling
+        # from the clock and two runs give different transforms
+        raise ValueError(f"registration seed must be >= 1 (ANTs treats 0 as unseeded), "
+                         f"got {seed}")
     return [*args,
         "--random-seed", str(int(seed)),
         "--verbose", "0",
@@ -504,7 +509,7 @@ def _registration_args(fixed_s: str, moving_s: str, fmask_s: str, fcom_s: str, m
 
 
 def register_rigid(fixed: Path, moving: Path, out_transform: Path, *, threads: int = 1,
-                   seed: int = 0, settings: Mapping[str, Any] | None = None) -> dict:
+                   seed: int = 1, settings: Mapping[str, Any] | None = None) -> dict:
     """Rigidly register ``moving`` to ``fixed`` (ANTs, Mattes MI, multi-resolution, head
     centre-of-mass initialisation); write the ANTs ``.mat`` to ``out_transform`` (atomically).
 
@@ -739,15 +744,22 @@ def write_outputs_atomically(items: Sequence[tuple[Path, Any]]) -> None:
 
 def register_session(t2w: Path, t1w: Path, flair: Path, outputs: Mapping[str, Path],
                      work_dir: Path, *, inplane_mm: float = 1.0, size: int = 224,
-                     threads: int = 1, interpolation: str = "linear", seed: int = 0,
-                     antialias: bool = True) -> dict:
+                     threads: int = 1, interpolation: str = "linear", seed: int = 1,
+                     antialias: bool = True, deterministic: bool = True) -> dict:
     """Register T1w and FLAIR to the T2w and resample all three onto the session grid.
 
     ``outputs`` keys: ``T1w``, ``T2w``, ``FLAIR`` (NIfTI on the :func:`target_grid`),
     ``T1w_xfm``, ``FLAIR_xfm`` (ANTs ``.mat``: T2w-world -> T1w/FLAIR-world). Nothing is
     written to ``outputs`` until everything has been computed. Returns provenance.
+
+    ``deterministic`` (default): ITK runs single-threaded, so that the same inputs give
+    bit-identical outputs on every run and machine (with several threads the mutual
+    information sums are added in a varying order and the transforms differ by ~0.05 deg /
+    0.02 mm from run to run; the fixed seed alone does not prevent that).
     """
     t_start = time.perf_counter()
+    if deterministic:
+        threads = 1
     set_threads(threads)
     missing = [k for k in ("T1w", "T2w", "FLAIR", "T1w_xfm", "FLAIR_xfm") if k not in outputs]
     if missing:
@@ -847,6 +859,6 @@ def register_session(t2w: Path, t1w: Path, flair: Path, outputs: Mapping[str, Pa
                        else False,
                        "single_interpolation": True},
         "registration": reg,
-        "threads": threads,
+        "threads": threads, "deterministic": deterministic, "random_seed": seed,
         "timing_s": timing,
     }
