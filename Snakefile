@@ -23,6 +23,7 @@ localrules:
     all_preproc,
     all_cse,
     dataset_description,
+    session_done,
 
 
 include: "rules/common.smk"
@@ -31,6 +32,7 @@ include: "rules/preproc.smk"
 include: "rules/model.smk"
 include: "rules/cse.smk"
 include: "rules/stats.smk"
+include: "rules/done.smk"
 
 
 rule all:
@@ -39,6 +41,7 @@ rule all:
         model_outputs,
         stats_outputs,
         cse_outputs,
+        done_outputs,
         OUT / "dataset_description.json",
 
 

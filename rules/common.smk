@@ -1,7 +1,7 @@
 # Shared helpers: paths, session labels, and the tables produced by the `discover` checkpoint.
 from pathlib import Path
 
-from qmriflow.discover import read_sessions_tsv
+from qmriflow.discover import is_deferred, read_sessions_tsv
 
 OUT = Path(config["output_dir"])
 WORK = Path(config["work_dir"])
@@ -12,13 +12,26 @@ PROV = WORK / "provenance"
 SES = "sub-{subject}_ses-{session}"
 ANAT = OUT / "sub-{subject}" / "ses-{session}" / "anat"
 CPU_IMAGE = config["containers"]["cpu"]
+DONE = WORK / "done" / f"{SES}.json"
+EXCLUDED = set(config["exclude_sessions"])
+FINAL_PATTERNS = [
+    ANAT / f"{SES}_space-T2w_desc-preproc_T1w.nii.gz",
+    ANAT / f"{SES}_space-T2w_desc-brain_mask.nii.gz",
+    ANAT / f"{SES}_space-T2w_dseg.nii.gz",
+    OUT / "sub-{subject}" / "ses-{session}" / f"{SES}_desc-provenance.json",
+]
 
 
 def sessions():
     """(subject, session) pairs discovered in the archive (complete or not: an incomplete or
-    corrupt session still gets jobs, whose first step fails with its one-line reason)."""
+    corrupt session still gets jobs, whose first step fails with its one-line reason), less
+    the deferred ones (files still arriving) and those listed in `exclude_sessions`."""
     tsv = checkpoints.discover.get().output.sessions
-    return [(r["subject"], r["session"]) for r in read_sessions_tsv(tsv)]
+    return [
+        (r["subject"], r["session"])
+        for r in read_sessions_tsv(tsv)
+        if not is_deferred(r) and f"sub-{r['subject']}_ses-{r['session']}" not in EXCLUDED
+    ]
 
 
 def session_targets(pattern):
@@ -26,14 +39,26 @@ def session_targets(pattern):
 
 
 def final_outputs(wildcards):
-    """What `rule all` asks for, per discovered session."""
-    patterns = [
-        ANAT / f"{SES}_space-T2w_desc-preproc_T1w.nii.gz",
-        ANAT / f"{SES}_space-T2w_desc-brain_mask.nii.gz",
-        ANAT / f"{SES}_space-T2w_dseg.nii.gz",
-        OUT / "sub-{subject}" / "ses-{session}" / f"{SES}_desc-provenance.json",
+    """Preprocessing outputs of every discovered session."""
+    return [t for p in FINAL_PATTERNS for t in session_targets(p)]
+
+
+def session_outputs(wildcards):
+    """Every per-session output of the whole workflow for one session: the input of its
+    completion marker (rules/done.smk). PRE, STATS_TSV and REPORTS come from the model and
+    statistics rule files."""
+    one = {"subject": wildcards.subject, "session": wildcards.session}
+    patterns = [*FINAL_PATTERNS, *(f"{PRE}_{m}.nii.gz" for m in ("T1map", "T2map", "PDmap")),
+                STATS_TSV, REPORTS / f"{SES}.html"]
+    label = SES.format(**one)
+    return [str(p).format(**one) for p in patterns] + [
+        t for t in cse_outputs(wildcards) if Path(t).name.startswith(f"{label}_")
     ]
-    return [t for p in patterns for t in session_targets(p)]
+
+
+def done_outputs(wildcards):
+    """The completion marker of every discovered session."""
+    return session_targets(DONE)
 
 
 def params_outputs(wildcards):
@@ -54,6 +79,7 @@ def cse_outputs(wildcards):
 
     tsv = checkpoints.discover.get().output.series
     m = config["cse"]["method"]
+    keep = set(sessions())
     return [
         str(OUT / "sub-{subject}" / "ses-{session}" / "anat"
             / f"{SES}_acq-{{acq}}_desc-{m}_PDFFmap.nii.gz").format(
@@ -61,6 +87,7 @@ def cse_outputs(wildcards):
         )
         for r in read_series_tsv(tsv)
         if r.get("role") == "megre" and r.get("selected")
+        and (r["subject"], r["session"]) in keep
     ]
 
 

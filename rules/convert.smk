@@ -10,6 +10,7 @@ checkpoint discover:
     params:
         salt=config["pseudonym_salt"],
         fmt=config["input_format"],
+        quiet=config["discovery"]["quiet_period_min"],
     log:
         LOGS / "discover.log",
     threads: 1
@@ -19,13 +20,17 @@ checkpoint discover:
         CPU_IMAGE
     shell:
         "qmriflow discover {input} {output.sessions} {output.series} "
-        "--salt {params.salt:q} --input-format {params.fmt} &> {log}"
+        "--salt {params.salt:q} --input-format {params.fmt} --quiet-period-min {params.quiet} "
+        "&> {log}"
 
 
+# The tables are ancient() inputs: a new discovery (the archive grew) does not make the
+# sessions converted before run again; a session is reprocessed only when its own files are
+# removed or forced (--forcerun).
 rule convert:
     input:
-        sessions=WORK / "sessions.tsv",
-        series=WORK / "series.tsv",
+        sessions=ancient(WORK / "sessions.tsv"),
+        series=ancient(WORK / "series.tsv"),
     output:
         session=directory(WORK / "nifti" / "sub-{subject}" / "ses-{session}"),
         prov=PROV / f"{SES}_convert.json",
@@ -53,7 +58,7 @@ rule convert:
 rule params:
     input:
         session=WORK / "nifti" / "sub-{subject}" / "ses-{session}",
-        series=WORK / "series.tsv",
+        series=ancient(WORK / "series.tsv"),
     output:
         params=OUT / "sub-{subject}" / "ses-{session}" / f"{SES}_desc-protocol_params.json",
         prov=PROV / f"{SES}_params.json",

@@ -37,6 +37,24 @@ def assert_no_identifiers(*roots: Path) -> int:
     return n
 
 
+def rewrite_study(folder: Path, tag: str, drop_ti: bool = False) -> str:
+    """Give a copied session a new StudyInstanceUID (and new series UIDs)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    study = generate_uid(entropy_srcs=[tag, "study"])
+    for f in sorted(folder.rglob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[tag, str(f.parent.name)])
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[tag, str(f)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if drop_ti and "InversionTime" in ds:
+            del ds.InversionTime
+        ds.save_as(f, enforce_file_format=True)
+    return str(study)
+
+
 @pytest.fixture(scope="session")
 def phantom_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2 subjects × 2 sessions, small size, with the CSE series; seed 11."""

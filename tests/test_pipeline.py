@@ -23,28 +23,10 @@ from scipy import ndimage
 from qmriflow.discover import pseudonym
 from qmriflow.phantom.generate import CANARY
 
-from .conftest import REPO, assert_no_identifiers, tool_env
+from .conftest import REPO, assert_no_identifiers, rewrite_study, tool_env
 
 SALT = "pipeline-test-salt"
 pytestmark = pytest.mark.slow
-
-
-def _rewrite_study(folder: Path, tag: str, drop_ti: bool = False) -> str:
-    """Give a copied session a new StudyInstanceUID (and new series UIDs)."""
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    study = generate_uid(entropy_srcs=[tag, "study"])
-    for f in sorted(folder.rglob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[tag, str(f.parent.name)])
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[tag, str(f)])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        if drop_ti and "InversionTime" in ds:
-            del ds.InversionTime
-        ds.save_as(f, enforce_file_format=True)
-    return str(study)
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +39,20 @@ def pipeline_run(phantom_archive, manifest, tmp_path_factory):
     # 1. corrupt: truncate one T2w file
     d = archive / "S001" / "X01"
     shutil.copytree(src, d)
-    broken["corrupt"] = _rewrite_study(d, "corrupt")
+    broken["corrupt"] = rewrite_study(d, "corrupt")
     victim = sorted((d / next(p.name for p in d.iterdir() if "T2W" in p.name)).glob("*.dcm"))[5]
     victim.write_bytes(victim.read_bytes()[:2000])
     # 2. missing FLAIR
     d = archive / "S001" / "X02"
     shutil.copytree(src, d)
-    broken["noflair"] = _rewrite_study(d, "noflair")
+    broken["noflair"] = rewrite_study(d, "noflair")
     for p in list(d.iterdir()):
         if "FLAIR" in p.name:
             shutil.rmtree(p)
     # 3. FLAIR without inversion time
     d = archive / "S001" / "X03"
     shutil.copytree(src, d)
-    broken["noti"] = _rewrite_study(d, "noti", drop_ti=True)
+    broken["noti"] = rewrite_study(d, "noti", drop_ti=True)
 
     cfg = {"input_dir": str(archive), "output_dir": str(root / "results"),
            "work_dir": str(root / "work"), "pseudonym_salt": SALT}

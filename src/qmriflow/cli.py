@@ -106,6 +106,9 @@ def _discover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("series_tsv", type=Path)
     p.add_argument("--salt", required=True, help="secret pseudonymisation salt")
     p.add_argument("--input-format", choices=["dicom", "bids"], default="dicom")
+    p.add_argument("--quiet-period-min", type=float, default=0.0,
+                   help="defer studies with a file written less than this many minutes ago "
+                        "(DICOM; 0 = off)")
 
 
 @command("discover", "find sessions and classify series in an archive (sessions/series TSV)")
@@ -113,10 +116,13 @@ def _discover_args(p: argparse.ArgumentParser) -> None:
 def _discover(a: argparse.Namespace) -> int:
     from .discover import discover, write_tables
 
-    sessions, series = discover(a.input_dir, a.salt, input_format=a.input_format)
+    sessions, series = discover(a.input_dir, a.salt, input_format=a.input_format,
+                                quiet_period_s=60.0 * a.quiet_period_min)
     write_tables(sessions, series, a.sessions_tsv, a.series_tsv)
     ok = sum(1 for r in sessions if r.get("status") == "ok")
-    print(f"{len(sessions)} session(s), {ok} complete, {len(series)} series in {a.input_dir}")
+    deferred = sum(1 for r in sessions if str(r.get("status", "")).startswith("deferred"))
+    print(f"{len(sessions)} session(s), {ok} complete, {deferred} deferred, "
+          f"{len(series)} series in {a.input_dir}")
     return 0
 
 
@@ -200,6 +206,10 @@ def _register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inplane-mm", type=float, default=1.0)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--multithreaded", action="store_true",
+                   help="let ITK use --threads threads for the registration too: faster, but "
+                        "the transforms then differ slightly from run to run (default: "
+                        "single-threaded registration, bit-identical results)")
     _session_args(p)
 
 
@@ -218,7 +228,7 @@ def _register(a: argparse.Namespace) -> int:
                "FLAIR_xfm": d / f"{label}_from-FLAIR_to-T2w_mode-image_xfm.mat"}
     info = _with_session(label, lambda: register_session(
         a.t2w, a.t1w, a.flair, outputs, d / ".work", inplane_mm=a.inplane_mm, size=a.size,
-        threads=a.threads))
+        threads=a.threads, deterministic=not a.multithreaded))
     _provenance(a, "register", info)
     print(f"{label}: registered to T2w")
     return 0
@@ -342,6 +352,43 @@ def _provmerge(a: argparse.Namespace) -> int:
 
     write_json(a.out_json, merge_steps(a.steps, a.label))
     return 0
+
+
+def _done_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_json", type=Path)
+    p.add_argument("outputs", type=Path, nargs="+", help="the session's finished outputs")
+    p.add_argument("--root", type=Path, required=True, help="paths are written relative to this")
+    p.add_argument("--label", required=True, help="sub-X_ses-Y")
+
+
+@command("session-done", "write a session's completion marker (its outputs with SHA-256)")
+@arguments(_done_args)
+def _done(a: argparse.Namespace) -> int:
+    from .nightly import write_done_marker
+
+    write_done_marker(a.out_json, a.outputs, a.root, a.label)
+    return 0
+
+
+def _nightly_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configfile", type=Path, required=True, help="the workflow config")
+    p.add_argument("--cores", type=int, default=None, help="default: the profile's (all)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="Snakemake profile (default: profiles/nightly of the checkout)")
+    p.add_argument("--directory", type=Path, default=None,
+                   help="Snakemake's working directory (default: the current one)")
+    p.add_argument("snakemake_args", nargs=argparse.REMAINDER,
+                   help="after --: more Snakemake options")
+
+
+@command("nightly", "incremental run over a growing archive: new sessions only, report")
+@arguments(_nightly_args)
+def _nightly(a: argparse.Namespace) -> int:
+    from .nightly import run_nightly
+
+    extra = [x for x in a.snakemake_args if x != "--"]
+    return run_nightly(a.configfile, cores=a.cores, profile=a.profile, directory=a.directory,
+                       snakemake_args=extra)
 
 
 def _dd_args(p: argparse.ArgumentParser) -> None:

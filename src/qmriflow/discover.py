@@ -17,7 +17,11 @@ Session status (one line, ``sessions.tsv``):
 * ``corrupt: <file relative to the input folder>: <reason>`` when a file in one of the
   session's folders is not readable DICOM (random bytes, truncated header or pixel data).
   The workflow's first per-session job turns that status into a one-line error for that
-  session only.
+  session only;
+* ``deferred: files changed <N> s ago (quiet period <Q> s)`` when a quiet period is given and
+  one of the session's files was written (modified or created, ``max(mtime, ctime)``) less
+  than that long ago: the study is probably still arriving from the scanner or PACS. A
+  deferred session has no series rows and gets no jobs; a later run picks it up.
 
 Pseudonyms: subject = HMAC-SHA256(salt, PatientID) and session = HMAC-SHA256(salt,
 StudyInstanceUID), first 10 hex digits (:func:`pseudonym`); a study without PatientID gets a
@@ -67,6 +71,7 @@ __all__ = [
     "discover_bids",
     "discover_dicom",
     "discover_dicom_tables",
+    "is_deferred",
     "pseudonym",
     "read_series_tsv",
     "read_sessions_tsv",
@@ -328,22 +333,38 @@ def _series_id(number: int, uid: str, salt: str, taken: set[str]) -> str:
     raise InputError("two series share a SeriesInstanceUID")  # pragma: no cover
 
 
+def _changed(path: Path) -> float:
+    """When the file was last written: ``max(mtime, ctime)`` (a copy that preserves the
+    modification time, e.g. ``cp -p`` or ``rsync -a``, still sets the change time)."""
+    st = path.stat()
+    return max(st.st_mtime, st.st_ctime)
+
+
 def discover_dicom_tables(
-    input_dir: str | Path, salt: str
+    input_dir: str | Path, salt: str, quiet_period_s: float = 0.0, now: float | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Sessions and series tables of a DICOM archive (see the module docstring)."""
+    """Sessions and series tables of a DICOM archive (see the module docstring).
+
+    ``quiet_period_s`` > 0 defers every session with a file written less than that many
+    seconds before ``now`` (default: the current time).
+    """
+    import time
+
     root = Path(input_dir)
     if not root.is_dir():
         raise InputError("input archive folder does not exist", path=root)
+    now = time.time() if now is None else now
     sessions: dict[tuple[str, str], dict[str, _Series]] = defaultdict(dict)
-    bad: list[tuple[str, str]] = []
+    newest: dict[tuple[str, str], float] = defaultdict(float)
+    bad: list[tuple[str, str, float]] = []
     for path in _walk(root):
         rel = _rel(path, root)
         h = _read_header(path)
         if h is None:
             continue
+        changed = _changed(path) if quiet_period_s > 0 else 0.0
         if isinstance(h, _Bad):
-            bad.append((rel, h.reason))
+            bad.append((rel, h.reason, changed))
             continue
         study = str(h["StudyInstanceUID"])
         pid = str(h.get("PatientID") or "").strip()
@@ -351,6 +372,7 @@ def discover_dicom_tables(
         series = sessions[key].setdefault(str(h["SeriesInstanceUID"]),
                                           _Series(str(h["SeriesInstanceUID"])))
         series.files.append((rel, h))
+        newest[key] = max(newest[key], changed)
     labels = {key: (pseudonym(key[0], salt), pseudonym(key[1], salt)) for key in sessions}
 
     # folders -> sessions with series files there (directly / anywhere below)
@@ -364,7 +386,7 @@ def discover_dicom_tables(
                 for a in _ancestors(folder):
                     below[a].add(key)
     corrupt: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
-    for rel, reason in bad:
+    for rel, reason, changed in bad:
         folder = _parent(rel)
         owners = direct.get(folder)
         if not owners:
@@ -375,6 +397,7 @@ def discover_dicom_tables(
         if owners:
             for key in owners:
                 corrupt[key].append((rel, reason))
+                newest[key] = max(newest[key], changed)
         else:
             logger.warning("unreadable file outside any one session's folders: %s (%s)",
                            rel, reason)
@@ -383,6 +406,14 @@ def discover_dicom_tables(
     series_rows: list[dict[str, Any]] = []
     for key in sorted(sessions, key=lambda k: labels[k]):
         subject, session = labels[key]
+        age = now - newest[key]
+        if quiet_period_s > 0 and age < quiet_period_s:
+            session_rows.append({
+                "subject": subject, "session": session,
+                "status": f"deferred: files changed {max(age, 0):.0f} s ago "
+                          f"(quiet period {quiet_period_s:.0f} s)",
+            })
+            continue
         by_uid = sessions[key]
         phi = _phi_strings(h for s in by_uid.values() for _r, h in s.files[:1])
         taken: set[str] = set()
@@ -648,9 +679,11 @@ def _bids_n_images(nifti: Path) -> int:
 
 
 def discover(
-    input_dir: str | Path, salt: str, input_format: str = "dicom"
+    input_dir: str | Path, salt: str, input_format: str = "dicom", quiet_period_s: float = 0.0
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(sessions rows, series rows) of a DICOM archive or a BIDS dataset.
+
+    ``quiet_period_s`` (DICOM only): defer sessions with files written more recently.
 
     Session rows: :data:`SESSION_COLUMNS`; series rows: :data:`SERIES_COLUMNS` (typed:
     ``series_number``/``n_files`` int, ``gadolinium``/``selected`` bool).
@@ -658,7 +691,7 @@ def discover(
     if not salt:
         raise ConfigError("pseudonym salt must not be empty")
     if input_format == "dicom":
-        return discover_dicom_tables(input_dir, salt)
+        return discover_dicom_tables(input_dir, salt, quiet_period_s=quiet_period_s)
     if input_format == "bids":
         return discover_bids(input_dir, salt)
     raise ConfigError(f"input_format must be 'dicom' or 'bids', got {input_format!r}")
@@ -690,6 +723,11 @@ def write_tables(
     _write_tsv(series, SERIES_COLUMNS, Path(series_tsv))
     _write_tsv(sessions, SESSION_COLUMNS, Path(sessions_tsv))
     return Path(sessions_tsv), Path(series_tsv)
+
+
+def is_deferred(session_row: Mapping[str, Any]) -> bool:
+    """True for a session that discovery deferred (files still changing)."""
+    return str(session_row.get("status", "")).startswith("deferred")
 
 
 def read_sessions_tsv(path: str | Path) -> list[dict[str, str]]:
