@@ -98,3 +98,16 @@ def test_workflow_discovers_and_converts_every_session(phantom_archive, manifest
     assert all(r["subject"] in tsv and r["session"] in tsv for r in again)
     other, _ = discover(phantom_archive / "dicom", "another-salt-456")
     assert not any(r["subject"] in tsv for r in other)
+
+
+def test_container_images_default_to_the_package_version():
+    from qmriflow import __version__
+    from qmriflow.config import validate_config
+
+    cfg = validate_config({"input_dir": "x"})
+    assert cfg["containers"] == {
+        g: f"docker://ghcr.io/qmriflow/qmriflow-{g}:{__version__}" for g in ("cpu", "cuda", "fsl")
+    }
+    cfg = validate_config({"input_dir": "x", "containers": {"cpu": "/images/q.sif"}})
+    assert cfg["containers"]["cpu"] == "/images/q.sif"
+    assert cfg["containers"]["cuda"].endswith(f"qmriflow-cuda:{__version__}")

@@ -51,7 +51,22 @@ def validate_config(config: Mapping[str, Any], set_defaults: bool = True) -> dic
         if e.validator == "additionalProperties":
             raise ConfigError(f"config key {_key_path(e)}: unknown key ({e.message})")
         raise ConfigError(f"config key {_key_path(e)}: {e.message}")
+    if set_defaults:
+        cfg["containers"] = container_images(cfg.get("containers", {}))
     return cfg
+
+
+#: registry of the published images; the tag is the package version
+IMAGE_REGISTRY = "docker://ghcr.io/qmriflow"
+
+
+def container_images(containers: Mapping[str, Any]) -> dict[str, str]:
+    """Image reference per rule group: the configured one, or (empty) the image of this
+    package version, ``docker://ghcr.io/qmriflow/qmriflow-<group>:<version>``."""
+    from . import __version__
+
+    return {g: str(containers.get(g) or f"{IMAGE_REGISTRY}/qmriflow-{g}:{__version__}")
+            for g in ("cpu", "cuda", "fsl")}
 
 
 def _extend_with_default(validator_class: Any) -> Any:
