@@ -468,3 +468,13 @@ def test_registration_failure_is_tool_error(small_session, tmp_path, monkeypatch
     _assert_one_line_naming(ei.value, paths["t1w"])
     print(ei.value)
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_registration_seed_zero_is_refused():
+    """antsRegistration reads --random-seed 0 as 'seed from the clock' (runs then differ)."""
+    args = R._registration_args("f", "m", "fm", "fc", "mc", "p", "w", "i", 7,
+                                R.REGISTRATION_SETTINGS)
+    assert args[args.index("--random-seed") + 1] == "7"
+    with pytest.raises(ValueError, match="seed must be >= 1"):
+        R._registration_args("f", "m", "fm", "fc", "mc", "p", "w", "i", 0,
+                             R.REGISTRATION_SETTINGS)

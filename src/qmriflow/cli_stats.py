@@ -97,7 +97,8 @@ def _repro_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--figures-dir", type=Path, help="scatter/Bland-Altman PNGs (default: "
                                                     "OUT_DIR)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1,
+                   help="registration seed (>= 1; ANTs treats 0 as unseeded)")
     p.add_argument("--provenance", type=Path, help="write this step's provenance JSON here")
 
 

@@ -126,7 +126,7 @@ def run_cohort(tsvs: Sequence[str | Path], out_dir: str | Path, *, k: int = 9,
 
 def run_repro(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
               days_tsv: str | Path | None = None, max_interval_days: float | None = None,
-              threads: int = 1, seed: int = 0,
+              threads: int = 1, seed: int = 1,
               figures_dir: str | Path | None = None) -> dict[str, Any]:
     """Within-subject reproducibility of every subject with ≥ 2 sessions (module doc).
 

@@ -103,7 +103,7 @@ def _load(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pair_reproducibility(first: SessionFiles, later: SessionFiles, *,
-                         work_dir: str | Path | None = None, threads: int = 1, seed: int = 0,
+                         work_dir: str | Path | None = None, threads: int = 1, seed: int = 1,
                          interval_days: float | None = None) -> PairResult:
     """Register ``later`` to ``first`` and compare their maps voxel-wise (module doc)."""
     import nibabel as nib
