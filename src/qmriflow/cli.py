@@ -114,13 +114,13 @@ def _discover_args(p: argparse.ArgumentParser) -> None:
 @command("discover", "find sessions and classify series in an archive (sessions/series TSV)")
 @arguments(_discover_args)
 def _discover(a: argparse.Namespace) -> int:
-    from .discover import discover, write_tables
+    from .discover import discover, is_deferred, write_tables
 
     sessions, series = discover(a.input_dir, a.salt, input_format=a.input_format,
                                 quiet_period_s=60.0 * a.quiet_period_min)
     write_tables(sessions, series, a.sessions_tsv, a.series_tsv)
     ok = sum(1 for r in sessions if r.get("status") == "ok")
-    deferred = sum(1 for r in sessions if str(r.get("status", "")).startswith("deferred"))
+    deferred = sum(1 for r in sessions if is_deferred(r))
     print(f"{len(sessions)} session(s), {ok} complete, {deferred} deferred, "
           f"{len(series)} series in {a.input_dir}")
     return 0

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
-import hashlib
 import json
 import os
 import subprocess
@@ -45,7 +44,7 @@ import yaml
 from .config import load_config
 from .discover import is_deferred, read_sessions_tsv
 from .errors import ConfigError
-from .io import atomic_path, write_json
+from .io import atomic_path, sha256_file, write_json
 
 __all__ = ["EXIT_LOCKED", "REPORT_COLUMNS", "run_nightly", "write_done_marker"]
 
@@ -60,14 +59,6 @@ _SNAKEMAKE_LOCKED = "Directory cannot be locked"
 # ---------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_done_marker(out: str | Path, outputs: Iterable[str | Path], root: str | Path,
                       label: str) -> Path:
     """Write a session's completion marker: its outputs (relative to ``root``) with size and
@@ -77,7 +68,7 @@ def write_done_marker(out: str | Path, outputs: Iterable[str | Path], root: str 
     for f in sorted({Path(p) for p in outputs}):
         rel = os.path.relpath(f, root)
         files.append({"path": Path(rel).as_posix(), "bytes": f.stat().st_size,
-                      "sha256": _sha256(f)})
+                      "sha256": sha256_file(f)})
     return write_json(out, {"session": label,
                             "completed": time.strftime("%Y-%m-%dT%H:%M:%S"),
                             "outputs": files})

@@ -14,7 +14,6 @@ Both load with ``strict=True``. A missing, unreadable, truncated or incompatible
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -24,21 +23,12 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from ..io import atomic_path
+from ..io import atomic_path, sha256_file
 from .network import SharedAttnUNet
 
 __all__ = ["FORMAT", "load_checkpoint_file", "load_model", "save_checkpoint", "sha256_file"]
 
 FORMAT = "qmriflow.relaxometry.v1"
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
