@@ -3,7 +3,7 @@
 # T1/T2/PD maps for every session. Thin rules: each calls one `qmriflow <step>`.
 #
 # Config (section `model:`): checkpoint, width, epochs, batch_size, lr, lambda_tv, lambda_pd,
-# dropout, init, seed, split, steps_per_epoch, device, precision, threads, train_gpu,
+# dropout, init, seed, scaling, split, steps_per_epoch, device, precision, threads, train_gpu,
 # train_mem_mb, train_runtime_min, infer_gpu, infer_batch_size, infer_mem_mb,
 # min_head_fraction, search_trials, search_epochs.
 MODEL = config["model"]
@@ -16,12 +16,14 @@ PRE = ANAT / f"{SES}_space-T2w"
 
 PACK_PATTERNS = [f"{PRE}_desc-preproc_{c}.nii.gz" for c in ("T1w", "T2w", "FLAIR")] + [
     f"{PRE}_desc-brain_mask.nii.gz",
+    f"{PRE}_dseg.nii.gz",
     OUT / "sub-{subject}" / "ses-{session}" / f"{SES}_desc-protocol_params.json",
 ]
 TRAIN_FLAGS = (
     f"--width {MODEL['width']} --epochs {MODEL['epochs']} --batch-size {MODEL['batch_size']} "
     f"--lr {MODEL['lr']} --lambda-tv {MODEL['lambda_tv']} --lambda-pd {MODEL['lambda_pd']} "
     f"--dropout {MODEL['dropout']} --init {MODEL['init']} --seed {MODEL['seed']} "
+    f"--scaling {MODEL['scaling']} "
     f"--split {','.join(str(x) for x in MODEL['split'])} --device {MODEL['device']} "
     f"--precision {MODEL['precision']}"
     + (f" --steps-per-epoch {MODEL['steps_per_epoch']}" if MODEL.get("steps_per_epoch") else "")
@@ -96,6 +98,7 @@ rule infer:
         t2w=f"{PRE}_desc-preproc_T2w.nii.gz",
         flair=f"{PRE}_desc-preproc_FLAIR.nii.gz",
         mask=f"{PRE}_desc-brain_mask.nii.gz",
+        dseg=f"{PRE}_dseg.nii.gz",
         params=OUT / "sub-{subject}" / "ses-{session}" / f"{SES}_desc-protocol_params.json",
         checkpoint=CHECKPOINT,
     output:
@@ -107,7 +110,7 @@ rule infer:
         sdir=lambda w: OUT / f"sub-{w.subject}" / f"ses-{w.session}",
         outdir=lambda w, output: Path(output.t1).parent,
         run=(f"--device {MODEL['device']} --precision {MODEL['precision']} "
-             f"--batch-size {MODEL['infer_batch_size']}"),
+             f"--batch-size {MODEL['infer_batch_size']} --scaling {MODEL['scaling']}"),
         flags=session_flags,
     benchmark:
         WORK / "benchmarks" / "infer" / f"{SES}.tsv"

@@ -163,6 +163,30 @@ def test_pack_errors(tiny_sessions, tmp_path):
     assert "sub-Z_ses-1" in idx["skipped"][0]["reason"]
 
 
+def test_pack_stores_the_calibrated_scales(packed, tiny_sessions, tmp_path):
+    import shutil
+
+    idx = PackedSlices(packed).index
+    calibrated = PackedSlices(packed, "calibrated")
+    for si, s in enumerate(idx["sessions"]):
+        c = s["calibration"]
+        assert set(c["scales"]) == {"T1w", "T2w", "FLAIR"}
+        assert c["n_voxels"]["CSF"] >= 50 and c["n_voxels"]["WM"] >= 50
+        np.testing.assert_allclose(calibrated.protocols[si, :, 5],
+                                   [c["scales"][k] for k in ("T1w", "T2w", "FLAIR")], rtol=1e-6)
+        np.testing.assert_array_equal(calibrated.protocols[si, :, :5],
+                                      PackedSlices(packed).protocols[si, :, :5])
+    # a session without a segmentation packs, but cannot train with calibrated scales
+    src = tiny_sessions[0]
+    copy = tmp_path / "results" / src.parent.name / src.name
+    shutil.copytree(src, copy)
+    next(copy.glob("anat/*_dseg.nii.gz")).unlink()
+    pack_sessions([copy], tmp_path / "p")
+    assert PackedSlices(tmp_path / "p", "seed").index["sessions"][0]["calibration"] is None
+    with pytest.raises(InputError, match="needs a tissue segmentation"):
+        PackedSlices(tmp_path / "p", "calibrated")
+
+
 # ---------------------------------------------------------------------------------------------
 # training: loss goes down, exact resume, checkpoints and artefacts
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +282,55 @@ def test_infer_writes_maps_with_affine_units_and_hash(trained, tiny_sessions, tm
                   device="cpu", threads=1, synth=False)
     side = json.loads((tmp_path / "maps2" / f"{label}_space-T2w_T1map.json").read_text())
     assert side["InputContrasts"] == ["T1w", "FLAIR"]
+
+
+def test_calibrated_inference_pins_the_maps_and_writes_uncertainty(trained, tiny_sessions,
+                                                                    tmp_path):
+    from qmriflow.model.data import session_calibration
+    from qmriflow.model.infer import infer_session, map_paths
+
+    out, _ = trained
+    assert json.loads((out / "hyperparameters.json").read_text()
+                      )["hyperparameters"]["scaling"] == "calibrated"
+    sdir = tiny_sessions[-1]
+    label = sdir.parent.name + "_" + sdir.name
+    # the network's own maps (published method: nothing moved) ...
+    infer_session(sdir, out / "model.pt", tmp_path / "s", device="cpu", threads=1, synth=False,
+                  scaling="seed")
+    assert not map_paths(tmp_path / "s", label)["sd_T1map"].exists()
+    # ... and moved onto the calibrated scales
+    info = infer_session(sdir, out / "model.pt", tmp_path / "c", device="cpu", threads=1,
+                         synth=False)
+    assert info["scaling"] == "calibrated"
+    paths = map_paths(tmp_path / "c", label)
+    keys = ("PDmap", "T1map", "T2map")
+    maps = [nib.load(str(paths[k])).get_fdata() for k in keys]
+    raw = [nib.load(str(map_paths(tmp_path / "s", label)[k])).get_fdata() for k in keys]
+    sd = load_session(sdir)
+    calib = session_calibration(sd)
+    assert info["calibration"]["scales"] == pytest.approx(calib.scales)
+    pin = json.loads(paths["T1map"].with_name(paths["T1map"].name[:-7] + ".json").read_text()
+                     )["Scaling"]["pinning"]
+    brain = np.moveaxis(sd.brain, 0, 2) & (maps[0] > 0)
+    assert pin["max_residual"] >= 0 and pin["refine"]["voxels"] == int(brain.sum())
+    # the maps re-synthesise every input with the calibrated scale: inside the brain, away from
+    # the maps' limits, to well below the noise (SNR 40) — the network's own maps do not
+    free = brain & (maps[0] < 0.999) & (maps[1] > 0.051) & (maps[1] < 4.99) & (maps[2] < 2.99)
+    assert free.sum() > 0.3 * brain.sum()
+    for ci, c in enumerate(sd.contrasts):
+        img = np.moveaxis(sd.images[:, ci], 0, 2)[free]
+        fit = calib.scales[c] * np.asarray(physics.signal(sd.protocols[c], *maps))[free]
+        net = np.asarray(physics.signal(sd.protocols[c], *raw))[free]
+        net *= physics.ls_global_scale(net, img)
+        assert np.median(np.abs(fit / img - 1)) < 0.02, c
+        assert np.median(np.abs(net / img - 1)) > 2 * np.median(np.abs(fit / img - 1)), c
+    for k in ("T1map", "T2map", "PDmap"):
+        u = nib.load(str(paths[f"sd_{k}"])).get_fdata()
+        assert np.all(u[brain] > 0) and np.all(u[~brain] == 0)
+        side = json.loads(paths[k].with_name(paths[k].name[:-7] + ".json").read_text())
+        assert side["Scaling"]["method"] == "calibrated"
+        assert side["Scaling"]["calibration"]["scales"]["T2w"] == pytest.approx(
+            calib.scales["T2w"])
 
 
 def test_cli_pack_train_infer_and_errors(tiny_sessions, trained, tmp_path, capsys):

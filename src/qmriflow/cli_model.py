@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .cli import _provenance, _session_args, _with_session, arguments, command
 from .errors import ConfigError
+from .model.calibration import DEFAULT_METHOD
 
 CONTRAST_CHOICES = ("T1w", "T2w", "FLAIR")
 
@@ -89,6 +90,10 @@ def _hyper_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="0.8,0.05,0.15", help="train,val,test subject fractions")
     p.add_argument("--scale-group", choices=["session", "slice"], default="session")
+    p.add_argument("--scaling", choices=["seed", "calibrated"], default=DEFAULT_METHOD,
+                   help="how the free per-contrast scales are pinned: seed = bounded LS around "
+                        "the WM reference (published); calibrated = per-session MAP calibration "
+                        f"on CSF/WM/GM (needs _dseg; default {DEFAULT_METHOD})")
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help="batches per epoch (default: one pass over the training slices)")
     p.add_argument("--val-max-slices", type=int, default=1024)
@@ -109,6 +114,7 @@ def _train_config(a: argparse.Namespace):
         lambda_tv=a.lambda_tv, lambda_pd=a.lambda_pd, pd_threshold=a.pd_threshold,
         scale_bound=a.scale_bound, dropout=a.dropout, init=a.init, seed=a.seed,
         split=_floats(a.split, 3, "--split"), scale_group=a.scale_group,  # type: ignore[arg-type]
+        scaling=a.scaling,
         steps_per_epoch=a.steps_per_epoch, val_max_slices=a.val_max_slices,
         warmup_epochs=a.warmup_epochs, warmup_min_steps=a.warmup_min_steps, device=a.device,
         precision=a.precision, threads=a.threads,
@@ -158,6 +164,8 @@ def _infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--scale-bound", type=float, default=0.2)
+    p.add_argument("--scaling", choices=["seed", "calibrated"], default=None,
+                   help="default: the checkpoint's training setting (seed for published weights)")
     p.add_argument("--no-brain-mask", action="store_true", help="keep maps outside the brain")
     p.add_argument("--no-synth", action="store_true",
                    help="skip the re-synthesised images and difference maps")
@@ -176,7 +184,7 @@ def _infer(a: argparse.Namespace) -> int:
         a.session_dir, a.checkpoint, a.out_dir, subject=a.subject, session=a.session,
         contrasts=contrasts, device=a.device, precision=a.precision, batch_size=a.batch_size,
         threads=a.threads, brain_mask=not a.no_brain_mask, synth=not a.no_synth,
-        scale_bound=a.scale_bound))
+        scale_bound=a.scale_bound, scaling=a.scaling))
     _provenance(a, "infer", info)
     med = info["brain_median"]
     print(f"{label}: maps from {'+'.join(contrasts)} in {info['timing_s']['total']:.1f} s "

@@ -3,4 +3,5 @@ inference. Import the submodules (``qmriflow.model.network`` etc.); torch is imp
 
 from __future__ import annotations
 
-__all__ = ["checkpoint", "data", "infer", "losses", "network", "normalise", "search", "train"]
+__all__ = ["calibration", "checkpoint", "data", "infer", "losses", "network", "normalise",
+           "search", "train"]

@@ -11,9 +11,11 @@ into a packed folder:
 
 * ``images.npy`` — (N, 3, H, W) float16, mode-normalised T1w, T2w, FLAIR (memory-mapped);
 * ``masks.npy`` — (N, H, W) uint8, bit 0 = head mask (loss), bit 1 = brain mask;
-* ``index.json`` — per session: subject, session, folder, protocols, histogram modes and the
-  (3, 6) protocol rows of :mod:`qmriflow.model.losses`; per slice: its session index and slice
-  number (so each slice's protocol and subject are one look-up away).
+* ``index.json`` — per session: subject, session, folder, protocols, histogram modes, the
+  (3, 6) protocol rows of :mod:`qmriflow.model.losses` (reference scale in the last column),
+  the same rows with the calibrated scale of :mod:`qmriflow.model.calibration` when the
+  session has a tissue segmentation (``_dseg``), and that calibration; per slice: its session
+  index and slice number (so each slice's protocol and subject are one look-up away).
 
 Files are written under temporary names and renamed at the end: a folder either has a complete
 pack or none.
@@ -36,6 +38,7 @@ import numpy as np
 from .. import physics
 from ..errors import InputError
 from ..io import write_json
+from .calibration import Calibration, calibrate_scales, tissue_medians
 from .losses import protocol_row
 from .normalise import CONTRASTS, head_mask, mode_normalise
 
@@ -49,11 +52,12 @@ __all__ = [
     "load_session",
     "pack_sessions",
     "parse_session_dir",
+    "session_calibration",
     "session_files",
     "split_subjects",
 ]
 
-PACK_VERSION = 1
+PACK_VERSION = 2
 ROLE = {"T1w": "t1w", "T2w": "t2w", "FLAIR": "flair"}
 """Contrast name → key of the session's protocol-parameters JSON."""
 
@@ -238,6 +242,27 @@ def load_session(session_dir: str | Path, subject: str | None = None,
     )
 
 
+def session_calibration(sd: SessionData) -> Calibration:
+    """Calibrated per-contrast scales of a loaded session (needs its ``_dseg``: 1 GM, 2 WM,
+    3 CSF, on the images' grid); see :func:`qmriflow.model.calibration.calibrate_scales`."""
+    dseg, _ = _load_volume(sd.files.dseg, "tissue segmentation (dseg)", sd.label)
+    if dseg.shape != sd.shape:
+        raise InputError(f"tissue segmentation shape {dseg.shape} differs from the images "
+                         f"{sd.shape}", session=sd.label, path=sd.files.dseg)
+    seg = np.moveaxis(np.rint(dseg).astype(np.int16), 2, 0)
+    medians, counts = tissue_medians(sd.images, seg, sd.brain, sd.contrasts)
+    if "CSF" not in medians:
+        raise InputError(f"too few CSF voxels ({counts.get('CSF', 0)}) in the segmentation "
+                         "to calibrate the scales", session=sd.label, path=sd.files.dseg)
+    try:
+        cal = calibrate_scales({c: sd.protocols[c] for c in sd.contrasts}, medians)
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        raise InputError(f"scale calibration failed: {exc}", session=sd.label,
+                         path=sd.files.dseg) from None
+    cal.n_voxels = counts
+    return cal
+
+
 # ---------------------------------------------------------------------------------------------
 # packing
 # ---------------------------------------------------------------------------------------------
@@ -313,13 +338,26 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
             k = keep.size
             images[n:n + k] = sd.images[keep].astype(np.float16)
             masks[n:n + k] = sd.head[keep].astype(np.uint8) | (sd.brain[keep].astype(np.uint8) << 1)
+            calib = None
+            if f.dseg.is_file():
+                try:
+                    calib = session_calibration(sd)
+                except InputError as exc:
+                    if not skip_incomplete:
+                        raise
+                    skipped.append({"session_dir": str(f.params.parent), "reason": str(exc)})
+                    continue
             si = len(sessions)
+            rows = [protocol_row(sd.protocols[c]) for c in CONTRASTS]
             sessions.append({
                 "label": f.label, "subject": f.subject, "session": f.session,
                 "session_dir": str(f.params.parent), "n_slices": int(k),
                 "modes": sd.modes,
                 "protocols": {c: sd.protocols[c].as_dict() for c in CONTRASTS},
-                "protocol_rows": [protocol_row(sd.protocols[c]) for c in CONTRASTS],
+                "protocol_rows": rows,
+                "calibrated_rows": None if calib is None else [
+                    [*r[:5], calib.scales[c]] for r, c in zip(rows, CONTRASTS, strict=True)],
+                "calibration": None if calib is None else calib.as_dict(),
             })
             slice_session.extend([si] * k)
             slice_z.extend(int(z) for z in keep)
@@ -368,7 +406,7 @@ def _finalise(tmp: Path, final: Path, n: int) -> None:
 class PackedSlices:
     """Read access to a packed folder (memory-mapped; nothing is loaded up front)."""
 
-    def __init__(self, pack_dir: str | Path) -> None:
+    def __init__(self, pack_dir: str | Path, scaling: str = "seed") -> None:
         d = Path(pack_dir)
         idx_path = d / "index.json"
         if not idx_path.is_file():
@@ -387,7 +425,14 @@ class PackedSlices:
         if self.images.shape[0] != n or self.masks.shape[0] != n:
             raise InputError("packed arrays and index.json disagree on the slice count", path=d)
         self.slice_session = np.asarray(self.index["slice_session"], dtype=np.int64)
-        self.protocols = np.asarray([s["protocol_rows"] for s in self.index["sessions"]],
+        key = "calibrated_rows" if scaling == "calibrated" else "protocol_rows"
+        missing = [s["label"] for s in self.index["sessions"] if s.get(key) is None]
+        if missing:
+            raise InputError(f"scaling {scaling!r} needs a tissue segmentation (_dseg) for every "
+                             f"packed session; none for {', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}", path=idx_path)
+        self.scaling = scaling
+        self.protocols = np.asarray([s[key] for s in self.index["sessions"]],
                                     dtype=np.float32)  # (S, 3, 6)
         self.subjects = [s["subject"] for s in self.index["sessions"]]
 

@@ -8,6 +8,15 @@ Outputs (BIDS derivatives, in the session's preprocessed space, with its affine)
     sub-X_ses-Y_space-T2w_desc-synth_{T1w,T2w,FLAIR}.nii.gz       re-synthesised (input units)
     sub-X_ses-Y_space-T2w_desc-synthdiff_{T1w,T2w,FLAIR}.nii.gz   100·(synth − input)/input, %
 
+With ``scaling: calibrated`` (:mod:`qmriflow.model.calibration`) the session's per-contrast
+scales are calibrated from its own tissue medians (needs the session's ``_dseg``), the network's
+maps are moved along the degenerate family until they re-synthesise the images with those
+scales, then made consistent voxel by voxel with the input images under those scales (the
+network's maps as a prior, :func:`~qmriflow.model.calibration.refine_maps`), and per-voxel
+standard deviations from the scales' posterior uncertainty are written::
+
+    sub-X_ses-Y_space-T2w_desc-uncertainty_{T1map,T2map,PDmap}.nii.gz   (units of the map)
+
 Maps are zero outside the brain mask (as the published implementation). Re-synthesis uses
 :func:`qmriflow.physics.signal` with the session's protocol (TE correction included), the
 bounded least-squares scale over the session's head (as in training) and the histogram mode,
@@ -26,10 +35,11 @@ import numpy as np
 import torch
 
 from .. import __version__, physics
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..io import save_nifti
+from .calibration import METHODS, pin_maps, refine_maps, scale_sensitivity
 from .checkpoint import load_model
-from .data import load_session, session_files
+from .data import load_session, session_calibration, session_files
 from .normalise import CONTRASTS
 from .train import resolve_device, resolve_precision
 
@@ -39,10 +49,13 @@ MAP_UNITS = {"T1map": "s", "T2map": "s", "PDmap": "arbitrary"}
 
 
 def map_paths(out_dir: str | Path, label: str) -> dict[str, Path]:
-    """Output paths of one session (keys: T1map, T2map, PDmap, synth_<c>, synthdiff_<c>)."""
+    """Output paths of one session (keys: T1map, T2map, PDmap, sd_<map>, synth_<c>,
+    synthdiff_<c>)."""
     d = Path(out_dir)
     pre = f"{label}_space-T2w"
     paths = {m: d / f"{pre}_{m}.nii.gz" for m in MAP_UNITS}
+    for m in MAP_UNITS:
+        paths[f"sd_{m}"] = d / f"{pre}_desc-uncertainty_{m}.nii.gz"
     for c in CONTRASTS:
         paths[f"synth_{c}"] = d / f"{pre}_desc-synth_{c}.nii.gz"
         paths[f"synthdiff_{c}"] = d / f"{pre}_desc-synthdiff_{c}.nii.gz"
@@ -75,17 +88,22 @@ def predict_maps(model: torch.nn.Module, images: np.ndarray, *, device: torch.de
 
 
 def resynthesise(maps: np.ndarray, protocol: physics.Protocol, normalised: np.ndarray,
-                 head: np.ndarray, bound: float = 0.2) -> tuple[np.ndarray, float]:
+                 head: np.ndarray, bound: float = 0.2,
+                 scale: float | None = None) -> tuple[np.ndarray, float]:
     """Weighted image from maps (S, 3, H, W) in the normalised units of ``normalised`` (S, H, W):
-    ``a · signal(protocol, PD, T1, T2)`` with the bounded LS scale ``a`` over the head.
-    Returns the image and ``a / ref`` (the fitted scale relative to the WM reference)."""
+    ``a · signal(protocol, PD, T1, T2)`` with the bounded LS scale ``a`` over the head (or the
+    given ``scale``, e.g. a calibrated one). Returns the image and ``a / ref`` (the scale
+    relative to the WM reference)."""
     synth = np.asarray(physics.signal(protocol, maps[:, 0].astype(np.float64),
                                       maps[:, 1].astype(np.float64),
                                       maps[:, 2].astype(np.float64)))
     ref = physics.wm_reference_scale(protocol)
     m = head & (normalised > 0)
-    a = float(physics.ls_global_scale(synth, normalised.astype(np.float64), m.astype(np.float64),
-                                      reference_scale=ref, bound=bound))
+    if scale is not None:
+        a = float(scale)
+    else:
+        a = float(physics.ls_global_scale(synth, normalised.astype(np.float64),
+                                          m.astype(np.float64), reference_scale=ref, bound=bound))
     return (a * synth).astype(np.float32), a / ref
 
 
@@ -94,8 +112,12 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
                   contrasts: Sequence[str] = CONTRASTS, device: str = "auto",
                   precision: str = "auto", batch_size: int = 4, threads: int | None = None,
                   brain_mask: bool = True, synth: bool = True,
-                  scale_bound: float = 0.2) -> dict[str, Any]:
-    """Predict and write one session's maps (see the module docstring); returns a summary."""
+                  scale_bound: float = 0.2, scaling: str | None = None) -> dict[str, Any]:
+    """Predict and write one session's maps (see the module docstring); returns a summary.
+
+    ``scaling``: ``seed`` or ``calibrated``; ``None`` takes the one the checkpoint was trained
+    with (``seed`` for checkpoints that do not say, e.g. published weights).
+    """
     t0 = time.perf_counter()
     if threads:
         torch.set_num_threads(int(threads))
@@ -108,12 +130,19 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
     contrasts = tuple(contrasts)
     if not contrasts or any(c not in CONTRASTS for c in contrasts):
         raise InputError(f"contrasts must be a non-empty subset of {CONTRASTS}, got {contrasts}")
-    # re-synthesise every contrast whose image exists (also those not fed to the network)
+    method = scaling or (meta.get("hyperparameters") or {}).get("scaling", "seed")
+    if method not in METHODS:
+        raise ConfigError(f"scaling must be one of {METHODS}, got {method!r}")
+    calibrated = method == "calibrated"
+    # re-synthesise (and calibrate with) every contrast whose image exists, also those not fed
+    # to the network
     present = session_files(session_dir, subject, session).images
-    need = tuple(c for c in CONTRASTS if c in contrasts or (synth and present[c].is_file()))
+    need = tuple(c for c in CONTRASTS if c in contrasts or ((synth or calibrated)
+                                                           and present[c].is_file()))
     sd = load_session(session_dir, subject, session, need, keep_raw=True)
     label = sd.label
     sel = [need.index(c) for c in contrasts]
+    calib = session_calibration(sd) if calibrated else None
     t_read = time.perf_counter() - t0
     t1 = time.perf_counter()
     try:
@@ -125,6 +154,10 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
     t_net = time.perf_counter() - t1
     if not np.isfinite(maps).all():
         raise InputError("network produced non-finite values", session=label)
+    sds = None
+    pinning: dict[str, Any] = {}
+    if calib is not None:
+        maps, sds, pinning = _pin(maps, sd, calib, contrasts)
     paths = map_paths(out_dir, label)
     files = sd.files
     common = {
@@ -140,6 +173,8 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
         "MaskedBy": str(files.brain_mask) if brain_mask else None,
         "Precision": prec,
         "Device": str(dev),
+        "Scaling": {"method": method, **({"calibration": calib.as_dict(), "pinning": pinning,
+                                           "Segmentation": str(files.dseg)} if calib else {})},
         "GeneratedBy": {"Name": "qmriflow", "Version": __version__},
     }
     affine = sd.affine
@@ -152,11 +187,19 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
                                              "Description": f"{desc[key]} (qmriflow, seed 000 "
                                                             "self-supervised network)", **common})
         written.append(str(paths[key]))
+        if sds is not None:
+            save_nifti(paths[f"sd_{key}"], np.moveaxis(sds[:, ch], 0, 2), affine, {
+                "Units": MAP_UNITS[key],
+                "Description": f"standard deviation of the {key} from the posterior uncertainty "
+                               "of the calibrated per-contrast scales (the free directions of "
+                               "the problem): where this is large, the value is soft", **common})
+            written.append(str(paths[f"sd_{key}"]))
     scales = {}
     if synth:
         for ci, c in enumerate(need):
             proto = sd.protocols[c]
-            img, rel = resynthesise(maps, proto, sd.images[:, ci], sd.head, scale_bound)
+            img, rel = resynthesise(maps, proto, sd.images[:, ci], sd.head, scale_bound,
+                                    None if calib is None else calib.scales[c])
             scales[c] = rel
             mode = sd.modes[c]
             synth_in = np.moveaxis(img, 0, 2) * np.float32(mode)
@@ -181,7 +224,40 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
         "brain_median": {k: float(np.median(maps[:, ch][brain])) if brain.any() else None
                          for ch, k in enumerate(("PD", "T1_s", "T2_s"))},
         "scale_relative_to_reference": scales,
+        "scaling": method,
+        "calibration": None if calib is None else calib.as_dict(),
         "timing_s": {"read": round(t_read, 3), "network": round(t_net, 3),
                      "total": round(time.perf_counter() - t0, 3)},
     }
     return summary
+
+
+def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str]
+         ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Move the network's maps (S, 3, H, W) onto the calibrated scales, then make them
+    consistent with the input images under those scales (the network as prior); returns the
+    maps, their per-voxel SDs (S, 3, H, W) and a summary."""
+    protos = [sd.protocols[c] for c in sd.contrasts]
+    brain = sd.brain & np.all(maps > 0, axis=1)
+    shifts = {}
+    for ci, c in enumerate(sd.contrasts):
+        f = np.asarray(physics.signal(protos[ci], maps[:, 0].astype(np.float64),
+                                      maps[:, 1].astype(np.float64),
+                                      maps[:, 2].astype(np.float64)))
+        img = sd.images[:, ci].astype(np.float64)
+        m = (brain & (img > 0)).astype(np.float64)
+        implied = float(physics.ls_global_scale(f, img, m))
+        if not (np.isfinite(implied) and implied > 0):
+            raise InputError(f"cannot relate the maps to the {c} image (no signal in the brain)",
+                             session=sd.label)
+        shifts[c] = float(np.log(implied / calib.scales[c]))
+    moved, info = pin_maps(np.moveaxis(maps, 1, -1), brain, protos,
+                           [shifts[c] for c in sd.contrasts])
+    idx = [sd.contrasts.index(c) for c in inputs]
+    moved, refine = refine_maps(moved, brain, [protos[i] for i in idx],
+                                np.moveaxis(sd.images[:, idx], 1, -1),
+                                [calib.scales[sd.contrasts[i]] for i in idx])
+    sds = scale_sensitivity(moved, brain, protos, np.asarray(calib.log_cov))
+    info = {**info, "log_shift": shifts, "refine": refine}
+    return (np.moveaxis(moved, -1, 1).astype(np.float32),
+            np.moveaxis(sds, -1, 1).astype(np.float32), info)

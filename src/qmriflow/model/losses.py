@@ -17,7 +17,9 @@ white-matter reference scale) and compared with the mode-normalised input:
 Per-slice protocols travel as a float tensor of shape (B, 6) per contrast, columns
 :data:`PROTOCOL_COLUMNS`: sequence code (index into ``physics.SEQUENCES``), TR (ms), effective
 TE (ms, TE correction already applied), TI (ms, NaN if none), flip angle (deg, NaN if none) and
-the WM reference scale ``1 / S_WM``.
+the WM reference scale ``1 / S_WM`` — or, with ``scaling: calibrated``, the session's
+calibrated scale (:mod:`qmriflow.model.calibration`), which is then used as it is: the free
+global scales of the seed's objective are pinned before training.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class LossWeights:
     pd: float = 0.1
     pd_threshold: float = 0.60
     scale_bound: float = 0.2
+    scaling: str = "seed"
+    """``seed``: bounded LS scale (±scale_bound around the reference in column 5);
+    ``calibrated``: column 5 is the session's calibrated scale, used as it is (no freedom)."""
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -182,7 +187,8 @@ def physics_loss(maps: torch.Tensor, images: torch.Tensor, head: torch.Tensor,
         real = images[:, c:c + 1]
         m = head & (real > 0)
         synth = synthesise(maps, protocols[:, c])
-        a = bounded_scale(synth, real, m, protocols[:, c, 5], groups, w.scale_bound)
+        bound = 0.0 if w.scaling == "calibrated" else w.scale_bound
+        a = bounded_scale(synth, real, m, protocols[:, c, 5], groups, bound)
         scales.append(a.detach().flatten() / protocols[:, c, 5].to(a.device))
         l1_terms.append(masked_l1(a * synth, real, m))
     l1 = torch.stack(l1_terms).mean()

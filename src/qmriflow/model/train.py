@@ -40,6 +40,7 @@ import torch
 from .. import __version__
 from ..errors import ConfigError, InputError
 from ..io import atomic_path, write_json
+from .calibration import DEFAULT_METHOD, METHODS
 from .checkpoint import FORMAT, load_checkpoint_file, save_checkpoint
 from .data import PackedSlices, contrast_dropout, split_subjects
 from .losses import LossWeights, physics_loss, warmup_loss
@@ -67,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     split: tuple[float, float, float] = (0.80, 0.05, 0.15)
     scale_group: str = "session"  # session | slice
+    scaling: str = DEFAULT_METHOD  # seed | calibrated (qmriflow.model.calibration)
     steps_per_epoch: int | None = None  # None: one pass over the training slices
     val_max_slices: int | None = 1024
     warmup_epochs: int = 1  # published: one epoch pulling the maps towards WM values
@@ -93,6 +95,7 @@ class TrainConfig:
             (0 < self.scale_bound < 1, "scale_bound must be in (0, 1)"),
             (self.init in INITS, f"init must be one of {INITS}"),
             (self.scale_group in ("session", "slice"), "scale_group must be session or slice"),
+            (self.scaling in METHODS, f"scaling must be one of {METHODS}"),
             (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
         ]
         for ok, msg in checks:
@@ -106,7 +109,7 @@ class TrainConfig:
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(tv=self.lambda_tv, pd=self.lambda_pd, pd_threshold=self.pd_threshold,
-                           scale_bound=self.scale_bound)
+                           scale_bound=self.scale_bound, scaling=self.scaling)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -252,7 +255,7 @@ def train(pack_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = N
     cfg = cfg or TrainConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    packed = PackedSlices(pack_dir)
+    packed = PackedSlices(pack_dir, cfg.scaling)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     dev = resolve_device(cfg.device)

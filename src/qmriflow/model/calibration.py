@@ -1,0 +1,385 @@
+"""Pinning the free global scales of the relaxometry problem (issue 8).
+
+Why: each weighted series comes with an unknown receiver gain, and the seed normalises each
+image by its white-matter (WM) histogram mode. Per voxel the three contrasts give three
+equations for PD, T1 and T2, so the three per-contrast scales are a 3-dimensional family of
+exact solutions; the seed's objective picks one through a WM *reference* (PD 0.70,
+T1 0.85 s, T2 70 ms) with ±20 % freedom, i.e. the absolute level comes from the assumption,
+not from the data.
+
+What pins it here (``scaling: calibrated``): a maximum-a-posteriori fit at the *tissue* level,
+before and independently of the network. Unknowns: the three log-scales and the (PD, T1, T2)
+of WM, grey matter (GM) and cerebrospinal fluid (CSF) — 12 numbers; data: the robust median of
+every mode-normalised contrast in eroded WM, GM and CSF — 9 numbers; priors:
+
+* CSF is (close to) pure water at 37 °C — physics, not assumption: PD = 1 (definition of PD),
+  T1 ≈ 4.3 s and T2 ≈ 2 s at 3 T (literature); tight priors. Through the T1w and T2w images this
+  fixes two of the three scales;
+* WM and GM: literature values with wide priors (log-SD 0.15, i.e. ±15 %). FLAIR nulls (or
+  nearly nulls) CSF, so its scale has no physical anchor; the WM/GM priors pick the member of
+  the remaining one-dimensional family closest to literature values *in all six tissue
+  parameters together*, which spreads the error instead of putting it all on one parameter.
+
+The posterior standard deviations of the log-scales are returned too; the inference step turns
+them into per-voxel uncertainty maps (the sensitivity of each map to the scales, times their
+posterior SD) so users see where values are soft.
+
+:func:`pin_maps` then moves the network's maps along the degenerate family, voxel by voxel,
+until they re-synthesise the data with the calibrated scales (Newton's method on the 3×3
+system of :func:`qmriflow.physics.signal`): the network supplies the spatial regularisation
+and the per-voxel solution, the calibration the absolute level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage, optimize
+
+from .. import physics
+
+__all__ = [
+    "CSF_REFERENCE",
+    "DEFAULT_METHOD",
+    "GM_REFERENCE",
+    "METHODS",
+    "Calibration",
+    "Priors",
+    "calibrate_scales",
+    "pin_maps",
+    "refine_maps",
+    "scale_sensitivity",
+    "tissue_medians",
+]
+
+METHODS = ("seed", "calibrated")
+"""``seed``: the published bounded least-squares scale around the WM reference (±20 %);
+``calibrated``: fixed per-session scales from :func:`calibrate_scales`."""
+
+DEFAULT_METHOD = "calibrated"
+"""The default (measured best: bench/bench_model_accuracy.py, bench/RESULTS.md)."""
+
+CSF_REFERENCE = {"pd": 1.0, "t1_s": 4.3, "t2_s": 2.0}
+"""CSF ≈ water at 37 °C, 3 T (PD = 1 by definition; T1, T2 from the literature)."""
+GM_REFERENCE = {"pd": 0.80, "t1_s": 1.35, "t2_s": 0.090}
+"""Cortical grey matter at 3 T (literature midpoints; see phantom.tissues)."""
+TISSUES = ("WM", "GM", "CSF")
+DSEG_LABEL = {"GM": 1, "WM": 2, "CSF": 3}
+PARAMS = ("pd", "t1_s", "t2_s")
+UNUSED = {("CSF", "flair"), ("CSF", "irgre")}
+"""Tissue medians left out of the fit: CSF near the inversion null, where the magnitude signal
+depends steeply (and two-valuedly) on CSF T1 and, in real scans, on inflow and partial volume."""
+LIMITS = {"pd": (1e-3, 1.0), "t1_s": (0.05, 5.0), "t2_s": (0.005, 3.0)}
+"""Ranges of the maps (the network's output ranges)."""
+
+
+@dataclass(frozen=True)
+class Priors:
+    """Log-normal priors of the tissue parameters (centre, log-SD) and the data noise."""
+
+    centres: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: {
+        "WM": dict(physics.WM_REFERENCE), "GM": dict(GM_REFERENCE), "CSF": dict(CSF_REFERENCE)})
+    log_sd: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: {
+        "WM": {"pd": 0.15, "t1_s": 0.15, "t2_s": 0.15},
+        "GM": {"pd": 0.15, "t1_s": 0.15, "t2_s": 0.15},
+        "CSF": {"pd": 0.03, "t1_s": 0.15, "t2_s": 0.25}})
+    rel_noise: float = 0.02
+    """Relative error of a tissue median (partial volume, residual bias field, segmentation)."""
+    abs_noise: float = 0.01
+    """Absolute error floor of a tissue median (units of the mode-normalised image)."""
+
+
+@dataclass
+class Calibration:
+    """Result of :func:`calibrate_scales` (scales multiply synthesised signals, like the
+    seed's global scale; ``None`` entries for contrasts that were not given)."""
+
+    contrasts: tuple[str, ...]
+    scales: dict[str, float]
+    log_sd: dict[str, float]
+    log_cov: list[list[float]]
+    """Posterior covariance of the log-scales (order of ``contrasts``)."""
+    tissues: dict[str, dict[str, float]]
+    medians: dict[str, dict[str, float]]
+    n_voxels: dict[str, int]
+    method: str = "calibrated"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _erode(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """In-plane erosion of a (slices, H, W) mask."""
+    if iterations <= 0:
+        return mask
+    st = np.zeros((3, 3, 3), bool)
+    st[1] = ndimage.generate_binary_structure(2, 1)
+    return ndimage.binary_erosion(mask, st, iterations=iterations)
+
+
+def tissue_medians(images: np.ndarray, dseg: np.ndarray, brain: np.ndarray | None = None,
+                   contrasts: Sequence[str] = ("T1w", "T2w", "FLAIR"),
+                   min_voxels: int = 50, csf_purity: float = 75.0,
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """Median of each mode-normalised contrast in eroded WM, GM and CSF.
+
+    ``images`` (S, C, H, W) in the order of ``contrasts``; ``dseg`` (S, H, W) with 1 GM, 2 WM,
+    3 CSF. WM and CSF are eroded by two voxels in-plane (one, or none, when too few voxels
+    remain), GM is not (it is thin); a tissue with fewer than ``min_voxels`` voxels is left
+    out. Partial volume with tissue lowers the T2w signal of CSF voxels and raises their T1w
+    signal, so CSF is further restricted to its purest voxels: those at or above the
+    ``csf_purity`` percentile of the T2w (when the T2w is among the contrasts).
+    """
+    out: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+    inside = np.ones(dseg.shape, bool) if brain is None else brain.astype(bool)
+    for t in TISSUES:
+        m = (dseg == DSEG_LABEL[t]) & inside
+        if t != "GM":
+            for it in (2, 1, 0):
+                e = _erode(m, it)
+                if e.sum() >= min_voxels:
+                    m = e
+                    break
+        if t == "CSF" and "T2w" in contrasts and csf_purity > 0 and m.any():
+            t2 = images[:, list(contrasts).index("T2w")]
+            pure = m & (t2 >= np.percentile(t2[m], csf_purity))
+            if pure.sum() >= min_voxels:
+                m = pure
+        counts[t] = int(m.sum())
+        if counts[t] < min_voxels:
+            continue
+        vals = {}
+        for ci, c in enumerate(contrasts):
+            v = images[:, ci][m]
+            v = v[np.isfinite(v)]
+            vals[c] = float(np.median(v)) if v.size else math.nan
+        out[t] = vals
+    return out, counts
+
+
+def _signals(protocols: Mapping[str, physics.Protocol], theta: np.ndarray,
+             contrasts: Sequence[str]) -> np.ndarray:
+    """(len(contrasts),) signals of one tissue with log-parameters ``theta``."""
+    pd, t1, t2 = np.exp(theta)
+    return np.array([float(physics.signal(protocols[c], pd, t1, t2)) for c in contrasts])
+
+
+def calibrate_scales(protocols: Mapping[str, physics.Protocol],
+                     medians: Mapping[str, Mapping[str, float]],
+                     priors: Priors | None = None) -> Calibration:
+    """Maximum-a-posteriori per-contrast scales from tissue medians (see the module docstring).
+
+    ``protocols``: contrast → protocol of the contrasts to calibrate; ``medians``: tissue
+    ("WM", "GM", "CSF") → contrast → median of the mode-normalised image. Returns the scales
+    (synthesised signal × scale ≈ normalised image) and their posterior log-SDs.
+    """
+    pri = priors or Priors()
+    contrasts = tuple(protocols)
+    tissues = [t for t in TISSUES if t in medians]
+    if "CSF" not in tissues and "WM" not in tissues:
+        raise ValueError("calibration needs at least WM or CSF voxels")
+    nc = len(contrasts)
+    centre = np.array([[math.log(pri.centres[t][p]) for p in PARAMS] for t in tissues])
+    sd = np.array([[pri.log_sd[t][p] for p in PARAMS] for t in tissues])
+    obs = []  # (tissue index, contrast index, value, sigma)
+    for ti, t in enumerate(tissues):
+        for ci, c in enumerate(contrasts):
+            if (t, protocols[c].sequence) in UNUSED:
+                continue
+            v = medians[t].get(c, math.nan)
+            if math.isfinite(v) and v > 0:
+                obs.append((ti, ci, v, pri.rel_noise * v + pri.abs_noise))
+    # start: tissues at their prior centres, scales by least squares on those
+    s0 = np.zeros(nc)
+    for ci in range(nc):
+        num = den = 0.0
+        for ti, c2, v, _ in obs:
+            if c2 == ci:
+                f = _signals(protocols, centre[ti], contrasts)[ci]
+                num += f * v
+                den += f * f
+        s0[ci] = math.log(num / den) if den > 0 and num > 0 else 0.0
+    x0 = np.concatenate([s0, centre.ravel()])
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        ls = x[:nc]
+        th = x[nc:].reshape(len(tissues), 3)
+        sig = [_signals(protocols, th[ti], contrasts) for ti in range(len(tissues))]
+        r_data = [(v - math.exp(ls[ci]) * sig[ti][ci]) / s for ti, ci, v, s in obs]
+        r_prior = ((th - centre) / sd).ravel()
+        return np.concatenate([np.asarray(r_data), r_prior])
+
+    lo = np.concatenate([np.full(nc, -np.inf),
+                         np.tile([math.log(LIMITS[p][0]) for p in PARAMS], len(tissues))])
+    hi = np.concatenate([np.full(nc, np.inf),
+                         np.tile([math.log(LIMITS[p][1]) for p in PARAMS], len(tissues))])
+    x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
+    res = optimize.least_squares(residuals, x0, bounds=(lo, hi), x_scale=1.0, method="trf",
+                                 xtol=1e-10, ftol=1e-10, gtol=1e-10, max_nfev=2000)
+    jac = res.jac
+    try:
+        cov = np.linalg.inv(jac.T @ jac)[:nc, :nc]
+    except np.linalg.LinAlgError:
+        cov = np.full((nc, nc), math.nan)
+    log_sd = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    th = res.x[nc:].reshape(len(tissues), 3)
+    return Calibration(
+        contrasts=contrasts,
+        scales={c: float(math.exp(res.x[ci])) for ci, c in enumerate(contrasts)},
+        log_sd={c: float(log_sd[ci]) for ci, c in enumerate(contrasts)},
+        log_cov=cov.tolist(),
+        tissues={t: {p: float(math.exp(th[ti, k])) for k, p in enumerate(PARAMS)}
+                 for ti, t in enumerate(tissues)},
+        medians={t: dict(medians[t]) for t in tissues},
+        n_voxels={},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# moving maps along the degenerate family
+# ---------------------------------------------------------------------------------------------
+
+_FLOOR = 1e-9
+
+
+def _log_signals(protocols: Sequence[physics.Protocol], x: np.ndarray) -> np.ndarray:
+    """(N, C) log-signals of voxels with log-parameters ``x`` (N, 3)."""
+    pd, t1, t2 = np.exp(x[:, 0]), np.exp(x[:, 1]), np.exp(x[:, 2])
+    return np.stack([np.log(np.maximum(np.asarray(physics.signal(p, pd, t1, t2)), _FLOOR))
+                     for p in protocols], axis=1)
+
+
+def _log_jacobian(protocols: Sequence[physics.Protocol], x: np.ndarray,
+                  f0: np.ndarray | None = None, h: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """(log-signals (N, C), Jacobian d log S / d log θ (N, C, 3)) by forward differences."""
+    f0 = _log_signals(protocols, x) if f0 is None else f0
+    jac = np.empty((x.shape[0], f0.shape[1], 3))
+    for k in range(3):
+        xk = x.copy()
+        xk[:, k] += h
+        jac[:, :, k] = (_log_signals(protocols, xk) - f0) / h
+    return f0, jac
+
+
+def _to_log(maps: np.ndarray) -> np.ndarray:
+    lo = np.log([LIMITS[p][0] for p in PARAMS])
+    hi = np.log([LIMITS[p][1] for p in PARAMS])
+    return np.clip(np.log(np.maximum(maps, 1e-12)), lo, hi)
+
+
+def pin_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Protocol],
+             log_shift: Sequence[float], iterations: int = 30, damping: float = 1e-6,
+             tol: float = 1e-7) -> tuple[np.ndarray, dict[str, float]]:
+    """Move maps along the degenerate family: voxel by voxel, find (PD, T1, T2) whose signals
+    are those of ``maps`` times ``exp(log_shift[c])`` for each contrast ``c``.
+
+    ``maps`` (..., 3) PD/T1 (s)/T2 (s) in the last axis; ``mask`` (...) the voxels to move;
+    ``protocols`` and ``log_shift`` per contrast (1 to 3 contrasts; with fewer than three the
+    minimum-norm move is taken). Levenberg–Marquardt on log-parameters, bounded to
+    :data:`LIMITS`. Returns the moved maps and a summary (largest final residual, voxels).
+    """
+    out = np.array(maps, dtype=np.float64, copy=True)
+    sel = mask.astype(bool) & np.all(out > 0, axis=-1)
+    if not sel.any():
+        return out.astype(maps.dtype), {"voxels": 0, "max_residual": 0.0}
+    x = _to_log(out[sel])
+    target = _log_signals(protocols, x) + np.asarray(log_shift, dtype=np.float64)[None, :]
+    lo = np.log([LIMITS[p][0] for p in PARAMS])
+    hi = np.log([LIMITS[p][1] for p in PARAMS])
+    eye = np.eye(3)
+    resid = np.zeros(x.shape[0])
+    for _ in range(iterations):
+        f, jac = _log_jacobian(protocols, x)
+        r = f - target
+        resid = np.abs(r).max(axis=1)
+        todo = resid > tol
+        if not todo.any():
+            break
+        jt = np.swapaxes(jac[todo], 1, 2)
+        a = jt @ jac[todo] + damping * eye
+        g = (jt @ r[todo][..., None])[..., 0]
+        step = -np.linalg.solve(a, g[..., None])[..., 0]
+        step = np.clip(step, -0.5, 0.5)
+        x[todo] = np.clip(x[todo] + step, lo, hi)
+    out[sel] = np.exp(x)
+    return out.astype(maps.dtype), {"voxels": int(sel.sum()),
+                                    "max_residual": float(resid.max(initial=0.0))}
+
+
+def scale_sensitivity(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Protocol],
+                      log_cov: np.ndarray) -> np.ndarray:
+    """Per-voxel standard deviation of PD, T1, T2 (same units as the maps, shape of ``maps``)
+    implied by the posterior covariance ``log_cov`` of the log-scales: the maps move along
+    the degenerate family as Δlog θ = J⁻¹·Δlog s, so Cov(log θ) = J⁺ Σ J⁺ᵀ (J = d log S /
+    d log θ at the voxel, pseudo-inverse when fewer than three contrasts). 0 outside ``mask``.
+    """
+    out = np.zeros(maps.shape, dtype=np.float32)
+    sel = mask.astype(bool) & np.all(maps > 0, axis=-1)
+    if not sel.any():
+        return out
+    m = np.asarray(maps[sel], dtype=np.float64)
+    _, jac = _log_jacobian(protocols, _to_log(m))
+    jinv = np.linalg.pinv(jac)  # (N, 3, C)
+    cov = jinv @ np.asarray(log_cov, dtype=np.float64)[None] @ np.swapaxes(jinv, 1, 2)
+    var = np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None)
+    out[sel] = (m * np.sqrt(var)).astype(np.float32)
+    return out
+
+
+def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Protocol],
+                images: np.ndarray, scales: Sequence[float], noise: float = 0.03,
+                prior_log_sd: float = 0.3, iterations: int = 20
+                ) -> tuple[np.ndarray, dict[str, float]]:
+    """Data consistency with the calibrated scales, voxel by voxel, the network as prior.
+
+    Minimises Σ_c ((r_c − s_c·S_c(θ)) / noise)² + Σ_p ((log θ_p − log θ⁰_p) / prior_log_sd)²
+    per voxel (Levenberg–Marquardt on log-parameters, bounded to :data:`LIMITS`), with r_c the
+    mode-normalised images (..., C), s_c the calibrated scales and θ⁰ the (pinned) network maps
+    (..., 3). Where the contrasts determine the parameters the data win (noise 0.03 ≪ 0.3);
+    along directions they do not determine (a contrast withheld, CSF at the FLAIR null) the
+    network's value stays. Returns the refined maps and a summary.
+    """
+    out = np.array(maps, dtype=np.float64, copy=True)
+    sel = mask.astype(bool) & np.all(out > 0, axis=-1)
+    if not sel.any():
+        return out.astype(maps.dtype), {"voxels": 0}
+    x0 = _to_log(out[sel])
+    x = x0.copy()
+    r = np.asarray(images, dtype=np.float64)[sel]
+    sc = np.asarray(scales, dtype=np.float64)[None, :]
+    lo = np.log([LIMITS[p][0] for p in PARAMS])
+    hi = np.log([LIMITS[p][1] for p in PARAMS])
+    w = 1.0 / prior_log_sd
+    eye = np.eye(3)
+
+    def cost(xv: np.ndarray, idx: np.ndarray | slice) -> np.ndarray:
+        f = sc * np.exp(_log_signals(protocols, xv))
+        return (((r[idx] - f) / noise) ** 2).sum(1) + ((w * (xv - x0[idx])) ** 2).sum(1)
+
+    lam = np.full(x.shape[0], 1e-3)
+    c_now = cost(x, slice(None))
+    for _ in range(iterations):
+        logf, jac = _log_jacobian(protocols, x)
+        f = sc * np.exp(logf)
+        jl = (f[..., None] * jac) / noise  # d residual / d log θ (sign folded below)
+        res = (f - r) / noise
+        jt = np.swapaxes(jl, 1, 2)
+        a = jt @ jl + (w * w) * eye
+        g = (jt @ res[..., None])[..., 0] + (w * w) * (x - x0)
+        step = -np.linalg.solve(a + lam[:, None, None] * eye, g[..., None])[..., 0]
+        cand = np.clip(x + np.clip(step, -0.5, 0.5), lo, hi)
+        c_new = cost(cand, slice(None))
+        ok = c_new <= c_now
+        x[ok] = cand[ok]
+        c_now = np.where(ok, c_new, c_now)
+        lam = np.where(ok, lam * 0.3, lam * 10.0)
+    out[sel] = np.exp(x)
+    moved = np.abs(x - x0).max(axis=1)
+    return out.astype(maps.dtype), {"voxels": int(sel.sum()),
+                                    "median_log_change": float(np.median(moved)),
+                                    "noise": noise, "prior_log_sd": prior_log_sd}

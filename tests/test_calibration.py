@@ -1,0 +1,171 @@
+"""Pinning the free scales (issue 8): the MAP calibration, moving maps along the degenerate
+family, the uncertainty maps, and their use in the loss and the pack."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qmriflow import physics
+from qmriflow.model import calibration as cal
+from qmriflow.phantom.protocols import CLUSTERS
+
+T1TR, T1TE, T2TR, T2TE, FLTR, FLTE, FLTI = CLUSTERS[0]
+PROTOS = {
+    "T1w": physics.Protocol("gre", T1TR, T1TE, fa_deg=10.0),
+    "T2w": physics.Protocol("tse", T2TR, T2TE),
+    "FLAIR": physics.Protocol("flair", FLTR, FLTE, ti_ms=FLTI),
+}
+GAIN = {"T1w": 3.0, "T2w": 0.5, "FLAIR": 7.0}
+
+
+def _medians(truth: dict) -> dict:
+    return {t: {c: GAIN[c] * float(physics.signal(PROTOS[c], *[truth[t][p] for p in cal.PARAMS]))
+                for c in PROTOS} for t in truth}
+
+
+def test_calibration_is_exact_when_the_tissues_match_the_priors():
+    truth = {"WM": dict(physics.WM_REFERENCE), "GM": dict(cal.GM_REFERENCE),
+             "CSF": dict(cal.CSF_REFERENCE)}
+    r = cal.calibrate_scales(PROTOS, _medians(truth))
+    for c in PROTOS:
+        assert r.scales[c] == pytest.approx(GAIN[c], rel=1e-6), c
+    for t in truth:
+        for p in cal.PARAMS:
+            assert r.tissues[t][p] == pytest.approx(truth[t][p], rel=1e-6), (t, p)
+
+
+def test_calibration_follows_the_data_not_the_reference():
+    # WM and GM 5-10 % away from the priors, CSF = water: the WM reference of the seed puts the
+    # scales 19-38 % off; the calibration stays within 4.5 % and recovers WM T1 within 6 %
+    truth = {"WM": {"pd": 0.77, "t1_s": 0.765, "t2_s": 0.077},
+             "GM": {"pd": 0.76, "t1_s": 1.485, "t2_s": 0.081}, "CSF": dict(cal.CSF_REFERENCE)}
+    r = cal.calibrate_scales(PROTOS, _medians(truth))
+    for c, p in PROTOS.items():
+        wm = float(physics.signal(p, *[truth["WM"][k] for k in cal.PARAMS]))
+        seed_err = abs(physics.wm_reference_scale(p) * wm - 1)  # mode-normalised WM = 1
+        assert seed_err > 0.18, c
+        assert abs(r.scales[c] / GAIN[c] - 1) < 0.045, c
+    assert r.tissues["WM"]["t1_s"] == pytest.approx(0.765, rel=0.06)
+    assert r.tissues["WM"]["t2_s"] == pytest.approx(0.077, rel=0.02)
+    assert r.tissues["CSF"]["pd"] == pytest.approx(1.0, rel=0.002)
+    # CSF pins the T2w scale best; FLAIR (no anchor: CSF near its null) stays the softest
+    assert r.log_sd["T2w"] < r.log_sd["T1w"] < r.log_sd["FLAIR"]
+    cov = np.asarray(r.log_cov)
+    np.testing.assert_allclose(np.sqrt(np.diag(cov)), [r.log_sd[c] for c in PROTOS])
+
+
+def test_calibration_without_csf_or_wm_is_refused():
+    with pytest.raises(ValueError, match="WM or CSF"):
+        cal.calibrate_scales(PROTOS, {"GM": {"T1w": 1.0, "T2w": 1.0, "FLAIR": 1.0}})
+
+
+def test_tissue_medians_erode_and_skip_small_tissues():
+    seg = np.zeros((3, 20, 20), np.int16)
+    seg[:, 2:18, 2:10] = 2
+    seg[:, 2:18, 10:18] = 1
+    seg[:, 9:11, 9:11] = 3  # 12 CSF voxels: too few
+    img = np.zeros((3, 2, 20, 20), np.float32)
+    img[:, 0][seg == 2] = 1.0
+    img[:, 0][seg == 1] = 0.8
+    img[:, 1] = 2.0
+    img[:, 0, :, 9] = 5.0  # an edge column of WM, removed by the erosion
+    med, n = cal.tissue_medians(img, seg, contrasts=("T1w", "T2w"), min_voxels=20)
+    assert set(med) == {"WM", "GM"} and n["CSF"] == 12
+    assert med["WM"] == {"T1w": 1.0, "T2w": 2.0}
+    assert med["GM"]["T1w"] == pytest.approx(0.8)
+    # two voxels eroded off each side in-plane (and around the CSF: 2 more per slice)
+    assert n["WM"] == 3 * (12 * 4 - 2)
+
+
+def _family_member(maps: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    protos = list(PROTOS.values())
+    moved, info = cal.pin_maps(maps, np.ones(maps.shape[:-1], bool), protos, shift)
+    assert info["max_residual"] < 1e-6
+    return moved
+
+
+def test_pin_maps_moves_along_the_family_and_back():
+    rng = np.random.default_rng(3)
+    n = 2000
+    truth = np.stack([rng.uniform(0.6, 0.9, n), rng.uniform(0.7, 1.8, n),
+                      rng.uniform(0.05, 0.12, n)], axis=1)
+    shift = np.array([0.08, -0.1, 0.12])
+    other = _family_member(truth, shift)
+    protos = list(PROTOS.values())
+    # the moved maps' signals are the truth's times exp(shift), per contrast
+    for c, p in enumerate(protos):
+        ratio = (np.asarray(physics.signal(p, *other.T)) / np.asarray(physics.signal(p, *truth.T)))
+        np.testing.assert_allclose(ratio, math.exp(shift[c]), rtol=1e-5)
+    assert np.abs(other[:, 1] / truth[:, 1] - 1).max() > 0.05  # really a different member
+    back = _family_member(other, -shift)
+    np.testing.assert_allclose(back, truth, rtol=1e-5)
+    # no shift, no move; masked voxels untouched
+    same, _ = cal.pin_maps(truth, np.ones(n, bool), protos, [0.0, 0.0, 0.0])
+    np.testing.assert_allclose(same, truth, rtol=1e-9)
+    mask = np.zeros(n, bool)
+    untouched, _ = cal.pin_maps(truth, mask, protos, shift)
+    np.testing.assert_array_equal(untouched, truth)
+
+
+def test_scale_sensitivity_is_the_linearised_move():
+    maps = np.array([[0.7, 0.85, 0.07], [0.8, 1.35, 0.09], [0.75, 1.1, 0.08]])
+    protos = list(PROTOS.values())
+    eps = 1e-3
+    for c in range(3):
+        cov = np.zeros((3, 3))
+        cov[c, c] = 0.05 ** 2
+        sd = cal.scale_sensitivity(maps, np.ones(3, bool), protos, cov)
+        shift = np.zeros(3)
+        shift[c] = -eps  # a larger scale means smaller maps' signals
+        moved = _family_member(maps, shift)
+        fd = np.abs(moved - maps) / eps * 0.05
+        np.testing.assert_allclose(sd, fd, rtol=2e-3, atol=1e-5)
+    assert not cal.scale_sensitivity(maps, np.ones(3, bool), protos, np.zeros((3, 3))).any()
+
+
+def test_calibrated_loss_uses_the_scale_as_given():
+    from qmriflow.model.losses import LossWeights, physics_loss, protocol_row
+
+    maps = torch.tensor([0.7, 0.85, 0.07]).view(1, 3, 1, 1).expand(2, 3, 8, 8).clone()
+    rows = torch.tensor([[protocol_row(p) for p in PROTOS.values()]] * 2)
+    rows[:, :, 5] *= 1.5  # a calibrated scale 50 % above the reference: outside the ±20 %
+    images = torch.ones(2, 3, 8, 8)
+    head = torch.ones(2, 1, 8, 8, dtype=torch.bool)
+    _, seed = physics_loss(maps, images, head, rows, weights=LossWeights())
+    _, calib = physics_loss(maps, images, head, rows, weights=LossWeights(scaling="calibrated"))
+    for c in range(3):
+        assert calib[f"scale_rel_{c}"] == pytest.approx(1.0, abs=1e-6)
+        assert seed[f"scale_rel_{c}"] == pytest.approx(0.8, rel=1e-5)  # LS 1/1.5, clamped
+    # exact: calibrated synthesised WM = 1.5 × 1 → L1 = 0.5 in every contrast
+    assert calib["l1"] == pytest.approx(0.5, rel=1e-5)
+
+
+def test_refine_maps_fits_the_data_with_the_calibrated_scales():
+    rng = np.random.default_rng(0)
+    n = 3000
+    truth = np.stack([rng.uniform(0.6, 0.9, n), rng.uniform(0.7, 1.8, n),
+                      rng.uniform(0.05, 0.12, n)], axis=1)
+    protos = list(PROTOS.values())
+    scales = np.array([30.0, 4.0, 12.0])
+    images = np.stack([scales[c] * np.asarray(physics.signal(p, *truth.T))
+                       for c, p in enumerate(protos)], axis=1)
+    start = truth * np.exp(rng.normal(0.0, 0.15, truth.shape))
+    mask = np.ones(n, bool)
+    # a weak prior: the exact per-voxel solution
+    exact, _ = cal.refine_maps(start, mask, protos, images, scales, prior_log_sd=100.0)
+    np.testing.assert_allclose(exact, truth, rtol=2e-3)
+    # the default prior (0.3 in log) costs little where the data determine the maps
+    default, info = cal.refine_maps(start, mask, protos, images, scales)
+    assert np.median(np.abs(default / truth - 1)) < 0.005 and info["voxels"] == n
+    # with the FLAIR withheld, the direction the two contrasts leave open keeps the prior's
+    # value: the T1w and T2w are fitted exactly, yet the maps stay nearer the start
+    two, _ = cal.refine_maps(start, mask, protos[:2], images[:, :2], scales[:2],
+                             prior_log_sd=100.0)
+    for c in range(2):
+        fit = scales[c] * np.asarray(physics.signal(protos[c], *two.T))
+        np.testing.assert_allclose(fit, images[:, c], rtol=5e-3)
+    assert np.median(np.abs(two / truth - 1)) > 5 * np.median(np.abs(exact / truth - 1))
