@@ -49,6 +49,11 @@ def _phantom_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cse", action="store_true", help="add a 6-echo GRE fat/water series")
     p.add_argument("--snr", type=float, default=40.0, help="brain-mean signal / noise sigma")
     p.add_argument("--workers", type=int, default=2, help="parallel subjects")
+    p.add_argument("--tissue-range", type=float, default=0.0, metavar="F",
+                   help="draw every tissue parameter per subject uniformly within ±F of its "
+                        "reference (e.g. 0.2); default: N(0, 3 %%) variation")
+    p.add_argument("--spatial-variation", type=float, default=0.03, metavar="F",
+                   help="SD of the smooth within-tissue variation of PD, T1, T2 (default 0.03)")
 
 
 @command("phantom", "generate a digital brain phantom DICOM archive with ground truth")
@@ -58,7 +63,8 @@ def _phantom(a: argparse.Namespace) -> int:
 
     m = generate_archive(a.out, PhantomOptions(
         subjects=a.subjects, sessions=a.sessions, size=a.size, seed=a.seed, cse=a.cse,
-        snr=a.snr, workers=a.workers,
+        snr=a.snr, workers=a.workers, tissue_range=a.tissue_range,
+        spatial_variation=a.spatial_variation,
     ))
     print(f"wrote {len(m['series'])} series for {a.subjects} subject(s) x {a.sessions} "
           f"session(s) to {a.out} in {m['seconds']:.1f} s")

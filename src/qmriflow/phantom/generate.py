@@ -171,6 +171,7 @@ class PhantomOptions:
     cse_snr: float = 60.0
     bias_strength: float = 0.2
     tissue_variation: float = 0.03
+    tissue_range: float = 0.0  # > 0: uniform ±range per tissue parameter instead (issue 8)
     spatial_variation: float = 0.03
     variation_scale_mm: float = 15.0
     workers: int = 2
@@ -366,7 +367,7 @@ def _subject_job(args: tuple) -> list[dict[str, Any]]:
     (out, opts, subj_i) = args
     spec = SIZES[opts.size]
     subj_rng = np.random.default_rng([opts.seed, subj_i])
-    tissues = subject_tissues(subj_rng, opts.tissue_variation)
+    tissues = subject_tissues(subj_rng, opts.tissue_variation, spread=opts.tissue_range)
     lesion = LESION_CYCLE[subj_i % len(LESION_CYCLE)]
     anat = build_subject(subj_rng, tissues, res_mm=spec.anatomy_mm, lesion=lesion,
                          variation=opts.spatial_variation,

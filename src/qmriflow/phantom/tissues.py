@@ -78,8 +78,11 @@ def subject_tissues(
     rng: np.random.Generator,
     variation: float = 0.03,
     overrides: dict[str, dict[str, float]] | None = None,
+    spread: float = 0.0,
 ) -> SubjectTissues:
-    """Draw this subject's tissue values: reference × (1 + N(0, variation)), clipped at 3σ.
+    """Draw this subject's tissue values: reference × (1 + N(0, variation)), clipped at 3σ,
+    or, with ``spread`` > 0, reference × (1 + U(−spread, spread)) independently for every
+    parameter of every tissue (PD is then capped at 1, pure water).
 
     ``overrides`` maps tissue name → {"pd"|"t1_s"|"t2_s": value} before variation is applied.
     """
@@ -90,7 +93,10 @@ def subject_tissues(
     for t in TISSUES:
         o = (overrides or {}).get(t.name, {})
         base = (o.get("pd", t.pd), o.get("t1_s", t.t1_s), o.get("t2_s", t.t2_s))
-        f = 1.0 + np.clip(rng.normal(0.0, variation, 3), -3 * variation, 3 * variation)
+        if spread > 0:
+            f = 1.0 + rng.uniform(-spread, spread, 3)
+        else:
+            f = 1.0 + np.clip(rng.normal(0.0, variation, 3), -3 * variation, 3 * variation)
         pd[t.label], t1[t.label], t2[t.label] = (b * fi for b, fi in zip(base, f, strict=True))
     pd = np.minimum(pd, 1.0)  # PD is relative to pure water
     return SubjectTissues(pd=pd, t1_s=t1, t2_s=t2)
