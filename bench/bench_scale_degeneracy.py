@@ -42,7 +42,7 @@ from bench_model_accuracy import ROLES, build_sessions
 KEYS = ("T1map", "T2map", "PDmap")
 
 
-def build_twin(sdir: Path, cluster_shift: int = 4, snr: float = 40.0) -> Path:
+def build_twin(sdir: Path, cluster_shift: int = 4, snr: float = 40.0, suffix: str = "P2") -> Path:
     """The session's subject on the same grid, acquired with another protocol cluster."""
     from qmriflow import physics
     from qmriflow.io import save_nifti, write_json
@@ -50,11 +50,12 @@ def build_twin(sdir: Path, cluster_shift: int = 4, snr: float = 40.0) -> Path:
     from qmriflow.phantom.protocols import CLUSTERS, draw_session_protocols
 
     f = session_files(sdir)
-    twin = sdir.parent / f"ses-{f.session}P2"
+    twin = sdir.parent / f"ses-{f.session}{suffix}"
     tf = session_files(twin)
     if tf.params.is_file():
         return twin
-    rng = np.random.default_rng(zlib.crc32(f"{f.label}-twin".encode()))
+    tag = "" if suffix == "P2" else suffix  # independent noise for every twin
+    rng = np.random.default_rng(zlib.crc32(f"{f.label}-twin{tag}".encode()))
     params = json.loads(f.params.read_text())
     orig = {r: physics.Protocol.from_dict(params[r]) for r in ROLES}
     # the original's cluster is not stored: shift by its T2w TR rank among the clusters
@@ -151,6 +152,10 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--slices", type=int, default=14)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--twins-from-truth", action="store_true",
+                    help="compare two twins both synthesised from the truth maps (same cluster "
+                         "re-drawn vs +4 clusters) instead of the session vs its twin: removes "
+                         "the difference between signal- and parameter-space partial volume")
     a = ap.parse_args()
     import torch
 
@@ -170,6 +175,8 @@ def main() -> int:
             spatial_variation=a.spatial_variation))
     dirs = build_sessions(archive, work / "results", 2.0, 112, a.slices)
     twins = [build_twin(d) for d in dirs]
+    if a.twins_from_truth:
+        dirs = [build_twin(d, cluster_shift=0, suffix="P1") for d in dirs]
     print(f"phantom + sessions + twins: {time.perf_counter() - t0:.0f} s", flush=True)
     if not (work / "pack" / "index.json").is_file():
         pack_sessions(dirs, work / "pack")
@@ -189,7 +196,7 @@ def main() -> int:
                 width=a.width, epochs=a.epochs, seed=seed, device="cpu", threads=a.threads,
                 scaling=trained_as), progress=False)
             t_train = time.perf_counter() - t0
-            mp = mdir / ("maps_pin" if pin else "maps")
+            mp = mdir / (("maps_pin" if pin else "maps") + ("_tt" if a.twins_from_truth else ""))
             ses, tw = [], []
             for d, tdir in zip(dirs, twins, strict=True):
                 for s in (d, tdir):
