@@ -36,6 +36,7 @@ import pytest
 import yaml
 
 from qmriflow.discover import discover_dicom_tables, pseudonym
+from qmriflow.errors import ConfigError
 from qmriflow.nightly import EXIT_LOCKED, run_nightly, write_done_marker
 
 from .conftest import REPO, rewrite_study, tool_env
@@ -111,6 +112,19 @@ def test_done_marker_lists_outputs_with_hashes(tmp_path: Path) -> None:
         write_done_marker(tmp_path / "done" / "b.json", [root / "missing"], root, "b")
 
 
+def test_missing_checkpoint_stops_before_any_work(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"input_dir": str(tmp_path / "archive"),
+                                   "output_dir": "results", "work_dir": "work",
+                                   "pseudonym_salt": SALT,
+                                   "model": {"checkpoint": "absent/model.pt"}}))
+    with pytest.raises(ConfigError, match="checkpoint not found") as exc:
+        run_nightly(cfg, directory=tmp_path, cores=1)
+    assert "absent/model.pt" in str(exc.value)
+    assert not (tmp_path / "work" / "nightly" / "state.json").exists()
+    assert not (tmp_path / "results").exists()
+
+
 def test_second_instance_is_turned_away(tmp_path: Path, capsys) -> None:
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump({"input_dir": str(tmp_path / "archive"),
@@ -132,8 +146,6 @@ def test_second_instance_is_turned_away(tmp_path: Path, capsys) -> None:
 
 
 def test_nightly_needs_a_fixed_model(tmp_path: Path) -> None:
-    from qmriflow.errors import ConfigError
-
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump({"input_dir": str(tmp_path), "pseudonym_salt": SALT}))
     with pytest.raises(ConfigError, match="fixed model"):

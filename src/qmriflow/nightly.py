@@ -205,6 +205,11 @@ def run_nightly(
             print(f"qmriflow nightly: another nightly run is in progress on {work} "
                   f"({_holder(ndir / 'nightly.lock')}); this one exits and changes nothing")
             return EXIT_LOCKED
+        ckpt = Path(cfg["model"]["checkpoint"])
+        ckpt = ckpt if ckpt.is_absolute() else cwd / ckpt
+        if not ckpt.is_file():  # before any work: every session would fail on it
+            raise ConfigError("model.checkpoint not found (nightly runs need a fixed, existing "
+                              "model)", path=ckpt)
         state_path = ndir / "state.json"
         state = _load_state(state_path)
         stamp = time.strftime("%Y%m%dT%H%M%S")
