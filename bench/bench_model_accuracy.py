@@ -128,9 +128,13 @@ def session_metrics(sdir: Path, maps_dir: Path) -> dict:
         tru = nib.load(sdir / "truth" / f"{f.label}_{key}.nii.gz").get_fdata()
         both = wm | gm
         out[f"{key}_r"] = float(np.corrcoef(pred[both], tru[both])[0, 1])
+        # inside WM alone: the correlation with the true smooth variation
+        out[f"{key}_r_wm"] = float(np.corrcoef(pred[wm], tru[wm])[0, 1])
         for tname, m in (("WM", wm), ("GM", gm)):
             out[f"{key}_{tname}_pred"] = float(pred[m].mean())
             out[f"{key}_{tname}_true"] = float(tru[m].mean())
+        if paths[f"sd_{key}"].is_file():  # uncertainty map (scaling: calibrated)
+            out[f"{key}_WM_sd"] = float(nib.load(paths[f"sd_{key}"]).get_fdata()[wm].mean())
     return out
 
 

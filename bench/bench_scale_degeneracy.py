@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_model_accuracy import ROLES, build_sessions
+from bench_model_accuracy import ROLES, build_sessions, session_metrics
 
 KEYS = ("T1map", "T2map", "PDmap")
 
@@ -93,28 +93,6 @@ def _ccc(a: np.ndarray, b: np.ndarray) -> float:
     ma, mb = a.mean(), b.mean()
     cov = ((a - ma) * (b - mb)).mean()
     return float(2 * cov / (a.var() + b.var() + (ma - mb) ** 2))
-
-
-def metrics(sdir: Path, maps_dir: Path) -> dict:
-    from qmriflow.model.data import session_files
-    from qmriflow.model.infer import map_paths
-
-    f = session_files(sdir)
-    paths = map_paths(maps_dir, f.label)
-    wm = nib.load(f.wm_eroded).get_fdata() > 0
-    gm = nib.load(f.gm_eroded).get_fdata() > 0
-    out: dict = {"label": f.label, "subject": f.subject}
-    for key in KEYS:
-        pred = nib.load(paths[key]).get_fdata()
-        tru = nib.load(sdir / "truth" / f"{f.label}_{key}.nii.gz").get_fdata()
-        out[f"{key}_r_wm"] = float(np.corrcoef(pred[wm], tru[wm])[0, 1])
-        for t, m in (("WM", wm), ("GM", gm)):
-            out[f"{key}_{t}_pred"] = float(pred[m].mean())
-            out[f"{key}_{t}_true"] = float(tru[m].mean())
-        if paths[f"sd_{key}"].is_file():
-            sd = nib.load(paths[f"sd_{key}"]).get_fdata()
-            out[f"{key}_WM_sd"] = float(sd[wm].mean())
-    return out
 
 
 def twin_metrics(sdir: Path, twin: Path, maps_dir: Path) -> dict:
@@ -203,7 +181,7 @@ def main() -> int:
                     infer_session(s, mdir / "model.pt", mp, device="cpu", precision="fp32",
                                   threads=a.threads, synth=False,
                                   scaling="calibrated" if pin else None)
-                ses.append(metrics(d, mp))
+                ses.append(session_metrics(d, mp))
                 tw.append(twin_metrics(d, tdir, mp))
             report["runs"][key] = {"method": method, "seed": seed, "train_s": t_train,
                                    "best_val": summary["best_val_loss"], "sessions": ses,

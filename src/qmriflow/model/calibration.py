@@ -294,14 +294,15 @@ def pin_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Pro
     eye = np.eye(3)
     resid = np.zeros(x.shape[0])
     for _ in range(iterations):
-        f, jac = _log_jacobian(protocols, x)
-        r = f - target
+        r = _log_signals(protocols, x) - target
         resid = np.abs(r).max(axis=1)
         todo = resid > tol
         if not todo.any():
             break
-        jt = np.swapaxes(jac[todo], 1, 2)
-        a = jt @ jac[todo] + damping * eye
+        # the Jacobian only where voxels still move
+        _, jac = _log_jacobian(protocols, x[todo], f0=r[todo] + target[todo])
+        jt = np.swapaxes(jac, 1, 2)
+        a = jt @ jac + damping * eye
         g = (jt @ r[todo][..., None])[..., 0]
         step = -np.linalg.solve(a, g[..., None])[..., 0]
         step = np.clip(step, -0.5, 0.5)
@@ -357,14 +358,17 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
     w = 1.0 / prior_log_sd
     eye = np.eye(3)
 
-    def cost(xv: np.ndarray, idx: np.ndarray | slice) -> np.ndarray:
-        f = sc * np.exp(_log_signals(protocols, xv))
-        return (((r[idx] - f) / noise) ** 2).sum(1) + ((w * (xv - x0[idx])) ** 2).sum(1)
+    def cost(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cost, log-signals) at log-parameters ``xv``."""
+        logs = _log_signals(protocols, xv)
+        f = sc * np.exp(logs)
+        return (((r - f) / noise) ** 2).sum(1) + ((w * (xv - x0)) ** 2).sum(1), logs
 
     lam = np.full(x.shape[0], 1e-3)
-    c_now = cost(x, slice(None))
+    c_now, logf_now = cost(x)
     for _ in range(iterations):
-        logf, jac = _log_jacobian(protocols, x)
+        # the signals at x are known from the last cost evaluation
+        logf, jac = _log_jacobian(protocols, x, f0=logf_now)
         f = sc * np.exp(logf)
         jl = (f[..., None] * jac) / noise  # d residual / d log θ (sign folded below)
         res = (f - r) / noise
@@ -373,9 +377,10 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
         g = (jt @ res[..., None])[..., 0] + (w * w) * (x - x0)
         step = -np.linalg.solve(a + lam[:, None, None] * eye, g[..., None])[..., 0]
         cand = np.clip(x + np.clip(step, -0.5, 0.5), lo, hi)
-        c_new = cost(cand, slice(None))
+        c_new, logf_new = cost(cand)
         ok = c_new <= c_now
         x[ok] = cand[ok]
+        logf_now[ok] = logf_new[ok]
         c_now = np.where(ok, c_new, c_now)
         lam = np.where(ok, lam * 0.3, lam * 10.0)
     out[sel] = np.exp(x)

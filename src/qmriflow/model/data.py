@@ -431,7 +431,6 @@ class PackedSlices:
             raise InputError(f"scaling {scaling!r} needs a tissue segmentation (_dseg) for every "
                              f"packed session; none for {', '.join(missing[:5])}"
                              f"{' ...' if len(missing) > 5 else ''}", path=idx_path)
-        self.scaling = scaling
         self.protocols = np.asarray([s[key] for s in self.index["sessions"]],
                                     dtype=np.float32)  # (S, 3, 6)
         self.subjects = [s["subject"] for s in self.index["sessions"]]

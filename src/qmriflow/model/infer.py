@@ -87,6 +87,13 @@ def predict_maps(model: torch.nn.Module, images: np.ndarray, *, device: torch.de
     return out
 
 
+def _signal_of(maps: np.ndarray, protocol: physics.Protocol) -> np.ndarray:
+    """``physics.signal`` of maps (S, 3, H, W), in float64."""
+    return np.asarray(physics.signal(protocol, maps[:, 0].astype(np.float64),
+                                     maps[:, 1].astype(np.float64),
+                                     maps[:, 2].astype(np.float64)))
+
+
 def resynthesise(maps: np.ndarray, protocol: physics.Protocol, normalised: np.ndarray,
                  head: np.ndarray, bound: float = 0.2,
                  scale: float | None = None) -> tuple[np.ndarray, float]:
@@ -94,9 +101,7 @@ def resynthesise(maps: np.ndarray, protocol: physics.Protocol, normalised: np.nd
     ``a · signal(protocol, PD, T1, T2)`` with the bounded LS scale ``a`` over the head (or the
     given ``scale``, e.g. a calibrated one). Returns the image and ``a / ref`` (the scale
     relative to the WM reference)."""
-    synth = np.asarray(physics.signal(protocol, maps[:, 0].astype(np.float64),
-                                      maps[:, 1].astype(np.float64),
-                                      maps[:, 2].astype(np.float64)))
+    synth = _signal_of(maps, protocol)
     ref = physics.wm_reference_scale(protocol)
     m = head & (normalised > 0)
     if scale is not None:
@@ -241,9 +246,7 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str]
     brain = sd.brain & np.all(maps > 0, axis=1)
     shifts = {}
     for ci, c in enumerate(sd.contrasts):
-        f = np.asarray(physics.signal(protos[ci], maps[:, 0].astype(np.float64),
-                                      maps[:, 1].astype(np.float64),
-                                      maps[:, 2].astype(np.float64)))
+        f = _signal_of(maps, protos[ci])
         img = sd.images[:, ci].astype(np.float64)
         m = (brain & (img > 0)).astype(np.float64)
         implied = float(physics.ls_global_scale(f, img, m))
