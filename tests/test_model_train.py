@@ -333,6 +333,28 @@ def test_calibrated_inference_pins_the_maps_and_writes_uncertainty(trained, tiny
             calib.scales["T2w"])
 
 
+def test_calibrated_inference_refuses_a_missing_or_csf_free_segmentation(trained, tiny_sessions,
+                                                                          tmp_path):
+    import shutil
+
+    from qmriflow.model.infer import infer_session
+
+    out, _ = trained
+    src = tiny_sessions[-1]
+    sdir = tmp_path / "results" / src.parent.name / src.name
+    shutil.copytree(src, sdir)
+    dseg = next(sdir.glob("anat/*_dseg.nii.gz"))
+    img = nib.load(str(dseg))
+    no_csf = np.where(img.get_fdata() == 3, 2, img.get_fdata()).astype(np.uint8)
+    save_nifti(dseg, no_csf, img.affine, dtype=np.uint8)
+    with pytest.raises(InputError, match=r"sub-E05_ses-V01.*too few CSF voxels \(0\)"):
+        infer_session(sdir, out / "model.pt", tmp_path / "m1", device="cpu", threads=1)
+    dseg.unlink()
+    with pytest.raises(InputError, match=r"sub-E05_ses-V01.*dseg.*is missing"):
+        infer_session(sdir, out / "model.pt", tmp_path / "m2", device="cpu", threads=1)
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
+
+
 def test_cli_pack_train_infer_and_errors(tiny_sessions, trained, tmp_path, capsys):
     from qmriflow.cli import main
 
