@@ -165,13 +165,13 @@ def test_geometry_masks_and_segmentation_against_truth(pipeline_run, phantom_arc
         dseg_img = nib.load(str(anat / f"{label}_space-T2w_dseg.nii.gz"))
         dseg = np.asarray(dseg_img.dataobj)
         tseg = _truth_on(dseg_img, nib.load(str(phantom_archive / t2["truth"]["dseg"])))
-        # The target is 0.85. Measured on seed 11 (lesion voxels counted as truth):
-        # GM 0.865-0.905, WM 0.844-0.896; one WMH session's WM is 0.844, so the floor
-        # asserted here is 0.83 and the shortfall is recorded in bench/RESULTS.md.
+        # The target, 0.85. Measured on seed 11 (lesion voxels counted as truth):
+        # GM 0.884-0.925, WM 0.862-0.922 (GM/WM endmembers from histogram modes; with medians
+        # one WMH session's WM was 0.846).
         for lab, name in ((1, "GM"), (2, "WM")):
             d = _dice(dseg == lab, tseg == lab)
             print(f"{label} {name} Dice {d:.3f}")
-            assert d >= 0.83, (label, name, d)
+            assert d >= 0.85, (label, name, d)
 
 
 def _ants_points(xfm: Path, pts_ras: np.ndarray) -> np.ndarray:

@@ -5,21 +5,25 @@ Backends
 ``atropos`` (default, tested)
     1. ANTsPy's Atropos: 3-class Gaussian mixture, k-means initialisation, MRF smoothing
        (``[mrf,1x1x1]``; neighbour weights use the voxel spacing), inside the brain mask, on
-       the T1w plus the ``extra`` channels (each rescaled to its 1st-99th percentile range inside
-       the mask). Repeatable: ``-r 0`` (constant seed) and ``ANTS_RANDOM_SEED``. If the
-       multivariate fit fails (a singular class covariance happens with T1w+T2w+FLAIR) it is
-       rerun on the T1w alone; the hard labels only seed step 2.
+       the T1w (rescaled to its 1st-99th percentile range inside the mask). Repeatable:
+       ``-r 0`` (constant seed) and ``ANTS_RANDOM_SEED``. The T1w alone on purpose (see
+       :func:`_atropos`): these hard labels only seed step 2, which uses every channel.
     2. Partial-volume estimation (``partial_volume=True``, default), as in FAST's PVE: each
        voxel is a linear mixture of at most two tissues adjacent on the CSF-GM-WM axis;
-       pure-tissue intensities are the class-core medians of step 1; the mixing fraction is the
-       least-squares fit over all channels. ``probseg`` = these fractions and ``dseg`` = their
-       argmax (the definition of the phantom's truth labels, and what sMRIPrep writes from
-       FAST: PVE maps as probseg).
+       pure-tissue intensities come from the class cores (histogram mode of GM and WM with
+       several channels, median otherwise: :func:`_endmember`); the mixing fraction is the
+       least-squares fit over all channels; the endmembers are re-estimated from the labels
+       until these settle (at most ``PV_MAX_PASSES``). ``probseg`` = these fractions and
+       ``dseg`` = their argmax (the definition of the phantom's truth labels, and what
+       sMRIPrep writes from FAST: PVE maps as probseg).
     Measured on the phantom (4 sessions, 1 x 1 x 4 mm, truth bias field divided out in place
     of N4, truth brain mask; Dice WM / GM with lesion voxels left out):
     Atropos hard labels, T1w: 0.81-0.84 / 0.82-0.83; + partial volume, T1w only:
     0.83-0.86 / 0.85-0.87; T1w+FLAIR: 0.84-0.89 / 0.87-0.91; T1w+T2w+FLAIR: 0.87-0.90 /
-    0.89-0.91 (the default the workflow should use: ``extra={"T2w": ..., "FLAIR": ...}``).
+    0.89-0.91 with class-core medians as endmembers and two passes, 0.91-0.92 / 0.93 with
+    the GM/WM modes (the default the workflow uses: ``extra={"T2w": ..., "FLAIR": ...}``).
+    Full pipeline (dcm2niix, registration, N4, skull strip; lesion voxels counted as
+    errors), seed 11 (4 sessions) and 31 (6 sessions): see bench/RESULTS.md.
 ``fast``
     FSL FAST through :func:`fsl.wrappers.fast` (``--class=3``, ``--nobias`` since the input is
     N4-corrected, ``-S`` channels, ``-t 1`` for a single T1w channel): ``dseg`` from FAST's
@@ -32,10 +36,11 @@ outside the mask) and ``probseg`` maps (0 outside the mask).
 
 The segmentation is only as good as the bias correction before it. On the phantom (seed 31,
 2 sessions, realistic tissue variation) with ``qmriflow.preproc.n4`` as configured
-(2 fitting levels, 100 iterations each, no early stop), WM/GM Dice is 0.84-0.86 / 0.88 after
-N4 against 0.87 / 0.89-0.90 with the true field divided out; with 4 fitting levels the
-residual field follows the anatomy and Dice drops to 0.76-0.79. A polynomial residual-bias
-refinement from the tissue classes was tried and did not help.
+(2 fitting levels, 100 iterations each, no early stop), WM/GM Dice was 0.84-0.86 / 0.88 after
+N4 against 0.87 / 0.89-0.90 with the true field divided out (class-core medians as
+endmembers); with 4 fitting levels the residual field follows the anatomy and Dice drops to
+0.76-0.79. A polynomial residual-bias refinement from the tissue classes was tried and did
+not help.
 """
 
 from __future__ import annotations
@@ -64,7 +69,10 @@ OUTPUT_KEYS = ("dseg", "probseg_GM", "probseg_WM", "probseg_CSF")
 # Settings chosen on the phantom (tests/test_segment.py, bench/bench_skullstrip_segment.py).
 DEFAULT_MRF = 0.1
 DEFAULT_ITERATIONS = 5
-PV_ITERATIONS = 2
+PV_MAX_PASSES = 4
+PV_TOLERANCE = 1e-3
+"""Partial-volume endmember passes: stop when fewer than this share of brain voxels change
+class (or after PV_MAX_PASSES)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,8 +148,7 @@ def _order_classes(t1: np.ndarray, labels: np.ndarray, n: int) -> list[int]:
     return [int(i) + 1 for i in np.argsort(means)]
 
 
-def _atropos(t1: Volume, mask: np.ndarray, extra: list[Volume], names: list[str], *,
-             mrf: float, iterations: int, seed: int
+def _atropos(t1: Volume, mask: np.ndarray, *, mrf: float, iterations: int, seed: int
              ) -> tuple[np.ndarray, list[np.ndarray], dict[str, Any]]:
     try:
         import ants
@@ -154,24 +161,18 @@ def _atropos(t1: Volume, mask: np.ndarray, extra: list[Volume], names: list[str]
         img = ants.from_numpy(np.ascontiguousarray(arr), spacing=spacing)
         return img.clone(pixeltype) if pixeltype != "float" else img
 
-    channels = [to_ants(_robust_scale(v.data, mask)) for v in [t1, *extra]]
+    # The T1w alone. With the T2w and FLAIR as well, Atropos refused every phantom session
+    # ("Covariance is singular": three channels on [0, 1] give class covariance determinants
+    # of ~1e-7, below its 1e-6 floor); rescaled so that it runs, it was worse where the FLAIR
+    # does not null CSF (seed 31, a FLAIR with TE 359 ms / TI 1650 ms: WM/GM Dice 0.844/0.839
+    # against 0.914/0.911). The hard labels only seed the partial-volume step, which uses
+    # every channel.
+    channels = [to_ants(_robust_scale(t1.data, mask))]
     mask_img = to_ants(mask.astype(np.float32))
     m = f"[{mrf:g},1x1x1]"
     c = f"[{int(iterations)},0]"
-    names = list(names)
-    note = None
     with _env(ANTS_RANDOM_SEED=str(int(seed))):
-        try:
-            res = ants.atropos(a=channels if len(channels) > 1 else channels[0], x=mask_img,
-                               i="KMeans[3]", m=m, c=c, r=0, v=0)
-        except Exception as exc:
-            if len(channels) == 1:
-                raise
-            # multivariate k-means/EM can fail (e.g. a singular class covariance): the hard
-            # labels only seed the partial-volume step, so fall back to the T1w alone
-            note = f"multichannel Atropos failed ({str(exc).splitlines()[0]}); used T1w only"
-            res = ants.atropos(a=channels[0], x=mask_img, i="KMeans[3]", m=m, c=c, r=0, v=0)
-            names = ["T1w"]
+        res = ants.atropos(a=channels[0], x=mask_img, i="KMeans[3]", m=m, c=c, r=0, v=0)
     labels = np.rint(res["segmentation"].numpy()).astype(np.int16)
     probs = [p.numpy().astype(np.float32) for p in res["probabilityimages"]]
     if len(probs) != 3:
@@ -179,9 +180,7 @@ def _atropos(t1: Volume, mask: np.ndarray, extra: list[Volume], names: list[str]
     params = {"initialisation": "KMeans[3]", "mrf": m, "convergence": c,
               "likelihood": "Gaussian", "use_random_seed": 0, "ANTS_RANDOM_SEED": int(seed),
               "channel_scaling": "1st-99th percentile inside the mask -> [0, 1]",
-              "atropos_channels": names}
-    if note:
-        params["atropos_note"] = note
+              "atropos_channels": ["T1w"]}
     return labels, probs, params
 
 
@@ -253,14 +252,44 @@ def _core(sel: np.ndarray, zooms: tuple[float, float, float]) -> np.ndarray:
     return core if core.sum() >= 50 else sel
 
 
+def _histogram_mode(values: np.ndarray, bins: int = 200, smooth_bins: float = 4.0) -> float:
+    """Peak of the histogram of ``values`` (``bins`` bins between their 1st and 99th
+    percentiles, Gaussian-smoothed over ``smooth_bins`` bins)."""
+    from scipy import ndimage
+
+    lo, hi = np.percentile(values, [1.0, 99.0])
+    if not hi > lo:
+        return float(np.median(values))
+    h, edges = np.histogram(values, bins=bins, range=(float(lo), float(hi)))
+    h = ndimage.gaussian_filter1d(h.astype(np.float64), smooth_bins)
+    k = int(h.argmax())
+    return float(0.5 * (edges[k] + edges[k + 1]))
+
+
+def _endmember(values: np.ndarray, tissue: str, n_channels: int) -> float:
+    """Pure-tissue intensity of one channel from the voxels of a class core.
+
+    GM and WM with several channels: the histogram mode. The cortical ribbon is too thin for
+    a pure core, so the GM core's intensities have a long tail towards CSF (and the WM core's
+    towards GM); the median follows the tail and moved the GM/WM boundary one voxel into GM
+    (measured on the phantom: WM/GM Dice +0.016-0.028 with the mode, full pipeline and
+    truth-bias inputs alike). CSF (broad, noise-dominated near the inversion null) and a single
+    channel: the median (with the T1w alone the mode measured 0.008-0.015 worse).
+    """
+    if n_channels < 2 or tissue == "CSF" or values.size < 1000:
+        return float(np.median(values))
+    return _histogram_mode(values)
+
+
 def _pv_unmix(channels: list[np.ndarray], dseg: np.ndarray, mask: np.ndarray,
               zooms: tuple[float, float, float]) -> tuple[np.ndarray, dict[str, Any]]:
     """Partial-volume fractions of GM/WM/CSF (order :data:`_PV_ORDER`), FAST-style.
 
     Each voxel is modelled as a mixture of at most two tissues adjacent on the
     CSF - GM - WM axis (CSF/GM or GM/WM), linear in the (robust-scaled) channel intensities.
-    Endmembers are the per-channel median intensities in the core (:func:`_core`) of each class
-    of the hard segmentation. Per voxel and per pair the mixing fraction is the clipped
+    Endmembers are per-channel intensities (:func:`_endmember`: histogram mode for GM/WM with
+    several channels, else median) in the core (:func:`_core`) of each class of the hard
+    segmentation. Per voxel and per pair the mixing fraction is the clipped
     least-squares projection onto the segment between the two endmembers; the pair with the
     smaller residual wins. With the T1w alone this reduces to the two-tissue model of FAST's
     PVE (thresholds half-way between pure-tissue intensities). Returns (3, ...) fractions that
@@ -268,7 +297,9 @@ def _pv_unmix(channels: list[np.ndarray], dseg: np.ndarray, mask: np.ndarray,
     """
     labels = [CLASS_LABELS[n] for n in _PV_ORDER]
     cores = [_core(dseg == lab, zooms) for lab in labels]
-    e = np.array([[float(np.median(ch[c])) for c in cores] for ch in channels])  # (C, 3)
+    e = np.array([[_endmember(ch[c], n, len(channels)) for c, n in zip(cores, _PV_ORDER,
+                                                                      strict=True)]
+                  for ch in channels])  # (C, 3)
     y = np.stack([ch[mask] for ch in channels], 0).astype(np.float64)  # (C, N)
     gm, wm, csf = 0, 1, 2
     fractions = np.zeros((3, y.shape[1]))
@@ -291,11 +322,12 @@ def _pv_unmix(channels: list[np.ndarray], dseg: np.ndarray, mask: np.ndarray,
     out[:, mask] = fractions
     info = {
         "model": "two-tissue linear mixtures (CSF-GM or GM-WM), least-squares over channels",
-        "endmembers": "per-channel median in the core of each hard-segmentation class",
+        "endmembers": ("per-channel histogram mode (GM, WM; several channels) or median "
+                       "(CSF; a single channel) in the core of each hard-segmentation class"),
         "endmembers_scaled": {n: [round(float(v), 4) for v in e[:, i]]
                               for i, n in enumerate(_PV_ORDER)},
         "rms_residual": round(float(np.sqrt(best_res.mean())), 5),
-        "endmember_passes": PV_ITERATIONS,
+        "endmember_passes": 1,
     }
     return out, info
 
@@ -375,8 +407,7 @@ def segment(
         try:
             with _env(**env):
                 if backend == "atropos":
-                    labels, probs, params = _atropos(vs[0], mask, vs[1:], channel_names,
-                                                     mrf=float(mrf),
+                    labels, probs, params = _atropos(vs[0], mask, mrf=float(mrf),
                                                      iterations=int(iterations), seed=seed)
                 else:
                     labels, probs, params = _fast(vs[0], mask, vs[1:])
@@ -410,13 +441,23 @@ def segment(
         channels = [_robust_scale(v.data, mask) for v in vols]
         try:
             fractions, pv_info = _pv_unmix(channels, dseg, mask, t1.zooms)
-            # re-estimate the endmembers from the partial-volume labels (the Atropos hard
-            # labels are biased towards WM on the phantom; one more pass: WM Dice +0.004-0.011)
-            for _ in range(PV_ITERATIONS - 1):
+            # re-estimate the endmembers from the partial-volume labels until the labels
+            # settle (at most PV_MAX_PASSES). The Atropos hard labels can be far off (biased
+            # towards WM on the phantom; after a T1w-only fallback, CSF three times too large):
+            # one extra pass gave WM Dice +0.004-0.011; three took such a fallback session from
+            # GM 0.835 to 0.911. More passes drift slightly (seed 31: 10 passes, min WM 0.858
+            # against 0.868 with 4).
+            prev = fractions[:, mask].argmax(0)
+            passes, changed = 1, 1.0
+            while passes < PV_MAX_PASSES and changed >= PV_TOLERANCE:
                 d2 = np.zeros(t1.data.shape, np.uint8)
-                d2[mask] = np.array([CLASS_LABELS[n] for n in _PV_ORDER], np.uint8)[
-                    fractions[:, mask].argmax(0)]
+                d2[mask] = np.array([CLASS_LABELS[n] for n in _PV_ORDER], np.uint8)[prev]
                 fractions, pv_info = _pv_unmix(channels, d2, mask, t1.zooms)
+                now = fractions[:, mask].argmax(0)
+                changed = float((now != prev).mean())
+                prev, passes = now, passes + 1
+            pv_info["endmember_passes"] = passes
+            pv_info["last_pass_label_change"] = round(changed, 6)
         except ToolError as exc:
             raise exc.with_context(path=t1.path) from None
         prob = {name: np.where(mask, fractions[i], 0.0).astype(np.float32)
