@@ -166,8 +166,8 @@ def test_geometry_masks_and_segmentation_against_truth(pipeline_run, phantom_arc
         dseg = np.asarray(dseg_img.dataobj)
         tseg = _truth_on(dseg_img, nib.load(str(phantom_archive / t2["truth"]["dseg"])))
         # The target, 0.85. Measured on seed 11 (lesion voxels counted as truth):
-        # GM 0.884-0.925, WM 0.862-0.922 (GM/WM endmembers from histogram modes; with medians
-        # one WMH session's WM was 0.846).
+        # GM 0.890-0.929, WM 0.866-0.923 (GM/WM endmembers from histogram modes; with medians
+        # one WMH session's WM was 0.846; bench/RESULTS.md).
         for lab, name in ((1, "GM"), (2, "WM")):
             d = _dice(dseg == lab, tseg == lab)
             print(f"{label} {name} Dice {d:.3f}")
