@@ -75,7 +75,8 @@ rule n4:
 
 rule skullstrip:
     input:
-        rules.n4.output.t1w,
+        t1w=rules.n4.output.t1w,
+        t2w=rules.n4.output.t2w,
     output:
         mask=ANAT / f"{SES}_space-T2w_desc-brain_mask.nii.gz",
         prov=PROV / f"{SES}_skullstrip.json",
@@ -83,6 +84,7 @@ rule skullstrip:
         backend=config["skullstrip"]["backend"],
         device=config["skullstrip"]["device"],
         download="--allow-download" if config["skullstrip"]["allow_download"] else "",
+        fill=config["skullstrip"]["csf_fill_mm"],
         flags=session_flags,
     benchmark:
         WORK / "benchmarks" / "skullstrip" / f"{SES}.tsv"
@@ -94,8 +96,9 @@ rule skullstrip:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow skullstrip {input} {output.mask} --backend {params.backend} "
-        "--device {params.device} {params.download} --threads {threads} {params.flags} "
+        "qmriflow skullstrip {input.t1w} {output.mask} --backend {params.backend} "
+        "--device {params.device} {params.download} --t2w {input.t2w} "
+        "--csf-fill-mm {params.fill} --threads {threads} {params.flags} "
         "--provenance {output.prov} &> {log}"
 
 

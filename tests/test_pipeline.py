@@ -155,12 +155,13 @@ def test_geometry_masks_and_segmentation_against_truth(pipeline_run, phantom_arc
         tm = nib.load(str(phantom_archive / t2["truth"]["brainmask"]))
         tmd = np.asarray(tm.dataobj) > 0
         com_truth = tm.affine @ np.r_[np.array(np.nonzero(tmd)).mean(1), 1]
-        # The target is < 1 mm. It depends on the skull strip's agreement with the
-        # truth mask, not only on the geometry: measured 0.2-1.07 mm on seed 11 (1.07 mm in
-        # a tumour session, brain Dice 0.968); the floor asserted here is 1.5 mm.
+        # The target, < 1 mm. It depends on the skull strip's agreement with the truth
+        # mask, not only on the geometry: HD-BET alone left out the CSF over the brain and
+        # measured up to 1.02 mm (seed 11, tumour sessions); grown into that CSF (skullstrip
+        # csf_fill_mm), 0.23-0.42 mm (bench/RESULTS.md).
         com_err = float(np.linalg.norm((com_out - com_truth)[:3]))
         print(f"{label} brain COM error {com_err:.2f} mm")
-        assert com_err < 1.5, (label, com_err)
+        assert com_err < 1.0, (label, com_err)
         # WM / GM Dice against truth (before erosion)
         dseg_img = nib.load(str(anat / f"{label}_space-T2w_dseg.nii.gz"))
         dseg = np.asarray(dseg_img.dataobj)

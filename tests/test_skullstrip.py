@@ -315,3 +315,70 @@ def test_postprocess_mask():
     assert p[11, 11, 11] and not p[26, 26, 26]
     assert p.sum() == 15**3
     assert not postprocess_mask(np.zeros((4, 4, 4), bool)).any()
+
+
+def _layered_head(shape=(96, 96, 10), zooms=(1.0, 1.0, 4.0)):
+    """Concentric in-plane layers: brain r<=25, CSF 25-30, skull 30-33, scalp fat 33-37
+    (T1w, T2w): brain (30, 60), CSF (10, 150), bone (5, 5), fat (80, 120), air (0, 0)."""
+    ii, jj = np.indices(shape[:2]) - np.array(shape[:2])[:, None, None] / 2 + 0.5
+    r = np.repeat(np.hypot(ii, jj)[..., None], shape[2], axis=2)
+    t1 = np.select([r <= 25, r <= 30, r <= 33, r <= 37], [30.0, 10.0, 5.0, 80.0], 0.0)
+    t2 = np.select([r <= 25, r <= 30, r <= 33, r <= 37], [60.0, 150.0, 5.0, 120.0], 0.0)
+    return r, t1, t2, zooms
+
+
+def test_fill_extracerebral_csf_stops_at_the_skull():
+    from qmriflow.preproc.skullstrip import fill_extracerebral_csf
+
+    r, t1, t2, zooms = _layered_head()
+    brain = r <= 25
+    grown, info = fill_extracerebral_csf(brain, t1, t2, zooms, max_mm=8.0)
+    # all the CSF, none of the bone, fat or air
+    assert (grown == (r <= 30)).all()
+    assert info["added_voxels"] == int(((r > 25) & (r <= 30)).sum()) and info["steps"] == 8
+    # limited reach: 2 mm grows two voxels (4-connected in-plane steps), not through-plane
+    two, info2 = fill_extracerebral_csf(brain, t1, t2, zooms, max_mm=2.0)
+    assert (two <= (r <= 30)).all() and brain.sum() < two.sum() < (r <= 30).sum()
+    assert info2["steps"] == 2 and (two & (r > 27.5)).sum() == 0
+    # a slice the mask does not touch is not reached (no through-plane growth on 4 mm slices)
+    part = brain.copy()
+    part[..., 5:] = False
+    g, _ = fill_extracerebral_csf(part, t1, t2, zooms, max_mm=8.0)
+    assert not g[..., 5:].any() and (g[..., :5] == (r <= 30)[..., :5]).all()
+    # 0 mm: unchanged
+    same, info0 = fill_extracerebral_csf(brain, t1, t2, zooms, max_mm=0.0)
+    assert (same == brain).all() and info0["added_voxels"] == 0
+
+
+def test_skull_strip_csf_fill_plumbing(tmp_path, monkeypatch):
+    """skull_strip(t2w=...) grows the network's mask into CSF, records it, refuses a T2w on
+    another grid (one line, no output)."""
+    r, t1, t2, zooms = _layered_head()
+    aff = np.diag([*zooms, 1.0])
+    t1p = save_nifti(tmp_path / "t1.nii.gz", t1, aff)
+    t2p = save_nifti(tmp_path / "t2.nii.gz", t2, aff)
+    brain = r <= 25
+    monkeypatch.setattr(skullstrip, "_canonical", lambda vol: (vol.data, aff, None))
+    monkeypatch.setattr(skullstrip, "_from_canonical", lambda data, ornt: data)
+    monkeypatch.setattr(skullstrip, "_run_hdbet_v1", lambda arr, *k, **kw: brain.copy())
+    out = tmp_path / "mask.nii.gz"
+    prov = skull_strip(t1p, out, resample_mm=None, t2w=t2p, csf_fill_mm=8.0,
+                       min_volume_ml=1.0, max_volume_ml=1e6)
+    got = np.asarray(nib.load(str(out)).dataobj) > 0
+    assert (got == (r <= 30)).all()
+    fill = prov["parameters"]["csf_fill"]
+    assert fill["added_voxels"] == int(((r > 25) & (r <= 30)).sum())
+    assert fill["added_ml"] == pytest.approx(fill["added_voxels"] * 4.0 / 1000, abs=0.05)
+    assert json.loads(sidecar_path(out).read_text())["Sources"] == [str(t1p), str(t2p)]
+    # without a T2w: the network's mask as it is
+    out2 = tmp_path / "mask2.nii.gz"
+    prov2 = skull_strip(t1p, out2, resample_mm=None, min_volume_ml=1.0, max_volume_ml=1e6)
+    assert (np.asarray(nib.load(str(out2)).dataobj) > 0).sum() == brain.sum()
+    assert prov2["parameters"]["csf_fill"] is None
+    # a T2w on another grid
+    bad = save_nifti(tmp_path / "t2bad.nii.gz", t2[:, :, :5], aff)
+    out3 = tmp_path / "mask3.nii.gz"
+    with pytest.raises(InputError) as ei:
+        skull_strip(t1p, out3, resample_mm=None, t2w=bad)
+    assert "grid" in _one_line(ei.value) and str(bad) in _one_line(ei.value)
+    assert not out3.exists()

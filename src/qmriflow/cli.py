@@ -279,6 +279,10 @@ def _skullstrip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-download", action="store_true",
                    help="let hd-bet2 download its weights (off by default)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--t2w", type=Path, help="T2w on the T1w's grid: grow the mask into the "
+                   "CSF around the brain (see --csf-fill-mm)")
+    p.add_argument("--csf-fill-mm", type=float, default=5.0,
+                   help="how far (mm, in-plane) the mask may grow into CSF; 0: off")
     _session_args(p)
 
 
@@ -291,7 +295,8 @@ def _skullstrip(a: argparse.Namespace) -> int:
     label = session_label(a.subject, a.session)
     info = _with_session(label, lambda: skull_strip(
         a.t1w, a.out_mask, backend=a.backend, device=a.device,
-        allow_download=a.allow_download, threads=a.threads))
+        allow_download=a.allow_download, threads=a.threads, t2w=a.t2w,
+        csf_fill_mm=a.csf_fill_mm))
     _provenance(a, "skullstrip", info)
     print(f"{label}: brain mask ({a.backend})")
     return 0
