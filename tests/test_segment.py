@@ -12,6 +12,7 @@ the numbers measure segmentation alone.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -106,12 +107,18 @@ def test_atropos_dice_and_erosion(session_inputs, tmp_path, subject, session):
     assert dist[(wm & ~wm_e) | (gm & ~gm_e)].max() <= 2.0 + 1e-9
 
 
-def test_atropos_t1_only_repeatable(session_inputs, tmp_path):
-    """T1w alone (no extra channels): lower but usable Dice, and identical on a rerun."""
+def test_atropos_t1_only_repeatable(session_inputs, tmp_path, monkeypatch):
+    """T1w alone (no extra channels): lower but usable Dice, and identical on a rerun; nothing
+    is left in the temp folder (ANTsPy's atropos leaves its probability images there)."""
     s = session_inputs(*SESSIONS[0])
     a, b = outputs_in(tmp_path / "a"), outputs_in(tmp_path / "b")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     pa = segment(s["t1w"], s["truth_mask_file"], a, threads=2, seed=3)
     segment(s["t1w"], s["truth_mask_file"], b, threads=2, seed=3)
+    assert list(tmp.iterdir()) == []
+    assert tempfile.gettempdir() == str(tmp)
     da = np.asarray(nib.load(str(a["dseg"])).dataobj)
     db = np.asarray(nib.load(str(b["dseg"])).dataobj)
     assert (da == db).all()

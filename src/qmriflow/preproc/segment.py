@@ -126,6 +126,24 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _private_tempdir() -> Iterator[Path]:
+    """Point ``tempfile`` at a fresh directory for the duration, then delete it.
+
+    ANTsPy's ``atropos`` writes its probability images to ``tempfile.mktemp()`` names and never
+    removes them: three NIfTI files in the system temp folder per session, which a nightly run
+    over an archive accumulates without end.
+    """
+    old = tempfile.tempdir
+    work = Path(tempfile.mkdtemp(prefix="qmriflow-atropos-"))
+    tempfile.tempdir = str(work)
+    try:
+        yield work
+    finally:
+        tempfile.tempdir = old
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _same_grid(ref: Volume, other: Volume) -> bool:
     return ref.data.shape == other.data.shape and np.allclose(ref.affine, other.affine,
                                                               atol=1e-3, rtol=0)
@@ -171,10 +189,10 @@ def _atropos(t1: Volume, mask: np.ndarray, *, mrf: float, iterations: int, seed:
     mask_img = to_ants(mask.astype(np.float32))
     m = f"[{mrf:g},1x1x1]"
     c = f"[{int(iterations)},0]"
-    with _env(ANTS_RANDOM_SEED=str(int(seed))):
+    with _env(ANTS_RANDOM_SEED=str(int(seed))), _private_tempdir():
         res = ants.atropos(a=channels[0], x=mask_img, i="KMeans[3]", m=m, c=c, r=0, v=0)
-    labels = np.rint(res["segmentation"].numpy()).astype(np.int16)
-    probs = [p.numpy().astype(np.float32) for p in res["probabilityimages"]]
+        labels = np.rint(res["segmentation"].numpy()).astype(np.int16)
+        probs = [p.numpy().astype(np.float32) for p in res["probabilityimages"]]
     if len(probs) != 3:
         raise ToolError(f"Atropos returned {len(probs)} probability maps instead of 3")
     params = {"initialisation": "KMeans[3]", "mrf": m, "convergence": c,
