@@ -35,8 +35,9 @@ def make_session(root: Path, n_slices: int, size: int = 224) -> Path:
 
 
 def bench_inference(model, dev, precision: str, n: int, batch: int) -> float:
-    from qmriflow.model.infer import predict_maps
+    from qmriflow.model.infer import channels_last_pays, predict_maps
 
+    model.use_channels_last(channels_last_pays(dev, precision))
     x = np.random.default_rng(0).uniform(0, 2, (n, 3, 224, 224)).astype(np.float32)
     predict_maps(model, x[:batch], device=dev, precision=precision, batch_size=batch)  # warm-up
     if dev.type == "cuda":

@@ -383,6 +383,22 @@ def test_forward_any_subset_any_order():
         model(torch.rand(1, 0, 32, 32))
 
 
+def test_channels_last_only_where_it_pays_and_same_maps():
+    from qmriflow.model.infer import channels_last_pays, predict_maps
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert channels_last_pays(cuda, "fp32") and channels_last_pays(cuda, "bf16")
+    assert channels_last_pays(cpu, "bf16") and not channels_last_pays(cpu, "fp32")
+    torch.manual_seed(0)
+    model = SharedAttnUNet(8).eval()
+    x = np.random.default_rng(0).uniform(0, 2, (3, 3, 30, 36)).astype(np.float32)
+    ref = predict_maps(model, x, device=cpu, precision="fp32", batch_size=2)
+    model.use_channels_last(True)
+    y = predict_maps(model, x, device=cpu, precision="fp32", batch_size=2)
+    assert y.shape == (3, 3, 30, 36)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoint errors: never random weights
 # ---------------------------------------------------------------------------------------------

@@ -62,6 +62,13 @@ def map_paths(out_dir: str | Path, label: str) -> dict[str, Path]:
     return paths
 
 
+def channels_last_pays(device: torch.device, precision: str) -> bool:
+    """Channels-last memory layout where it is faster: on CUDA always; on the CPU only with bf16
+    (oneDNN's bf16 convolutions: +12 % slices/s at width 64 on this 2-core EPYC, while fp32
+    convolutions were 15 % slower channels-last; measured 2026-11-22)."""
+    return device.type == "cuda" or precision == "bf16"
+
+
 def predict_maps(model: torch.nn.Module, images: np.ndarray, *, device: torch.device,
                  precision: str = "fp32", batch_size: int = 4,
                  mask: np.ndarray | None = None) -> np.ndarray:
@@ -77,7 +84,7 @@ def predict_maps(model: torch.nn.Module, images: np.ndarray, *, device: torch.de
             if ph or pw:
                 x = torch.nn.functional.pad(x, (0, pw, 0, ph))
             x = x.to(device)
-            if device.type == "cuda":
+            if getattr(model, "channels_last", False):
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 y = model(x)
@@ -130,8 +137,7 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
     prec = resolve_precision(precision, dev, inference=True)
     # the checkpoint first: a missing/corrupt model fails before any work
     model, meta = load_model(checkpoint, dev)
-    if dev.type == "cuda":
-        model.use_channels_last(True)
+    model.use_channels_last(channels_last_pays(dev, prec))
     contrasts = tuple(contrasts)
     if not contrasts or any(c not in CONTRASTS for c in contrasts):
         raise InputError(f"contrasts must be a non-empty subset of {CONTRASTS}, got {contrasts}")
