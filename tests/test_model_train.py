@@ -333,6 +333,40 @@ def test_calibrated_inference_pins_the_maps_and_writes_uncertainty(trained, tiny
             calib.scales["T2w"])
 
 
+def test_withheld_contrast_is_used_for_nothing_but_its_resynthesis(trained, tiny_sessions,
+                                                                   tmp_path):
+    """Inference without the T2w: calibration, pinning and data consistency use the T1w and
+    FLAIR only, so changing the T2w image on disk leaves the maps exactly as they were."""
+    import shutil
+
+    from qmriflow.model.infer import infer_session, map_paths
+
+    out, _ = trained
+    src = tiny_sessions[-1]
+    label = src.parent.name + "_" + src.name
+    sdir = tmp_path / "copy" / src.parent.name / src.name
+    shutil.copytree(src, sdir)
+    keep = ("T1w", "FLAIR")
+    a = infer_session(sdir, out / "model.pt", tmp_path / "a", contrasts=keep, device="cpu",
+                      threads=1)
+    assert tuple(a["calibration"]["contrasts"]) == keep
+    assert set(a["calibration"]["scales"]) == set(keep)
+    t2 = sdir / "anat" / f"{label}_space-T2w_desc-preproc_T2w.nii.gz"
+    img = nib.load(str(t2))
+    data = img.get_fdata()
+    save_nifti(t2, data[::-1] * 0.5 + 0.3 * data.mean(), img.affine)
+    b = infer_session(sdir, out / "model.pt", tmp_path / "b", contrasts=keep, device="cpu",
+                      threads=1)
+    pa, pb = map_paths(tmp_path / "a", label), map_paths(tmp_path / "b", label)
+    for k in ("PDmap", "T1map", "T2map", "sd_T1map"):
+        np.testing.assert_array_equal(nib.load(str(pa[k])).get_fdata(),
+                                      nib.load(str(pb[k])).get_fdata())
+    # the withheld T2w is still re-synthesised, with a fitted scale, and marked as not used
+    side = json.loads(pb["synth_T2w"].with_name(pb["synth_T2w"].name[:-7] + ".json").read_text())
+    assert side["InputUsedForMaps"] is False and side["InputContrasts"] == list(keep)
+    assert b["scale_relative_to_reference"]["T2w"] > 0
+
+
 def test_calibrated_inference_refuses_a_missing_or_csf_free_segmentation(trained, tiny_sessions,
                                                                           tmp_path):
     import shutil

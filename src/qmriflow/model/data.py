@@ -189,11 +189,12 @@ class SessionData:
 
 def load_session(session_dir: str | Path, subject: str | None = None,
                  session: str | None = None, contrasts: Sequence[str] = CONTRASTS,
-                 keep_raw: bool = False) -> SessionData:
+                 keep_raw: bool = False, head_from: Sequence[str] | None = None
+                 ) -> SessionData:
     """Read, check and mode-normalise one preprocessed session.
 
-    The head mask comes from the T2w when it is among ``contrasts`` (the grid's reference),
-    otherwise from the first contrast given.
+    The head mask comes from the T2w when it is among ``head_from`` (default: ``contrasts``;
+    the T2w is the grid's reference), otherwise from the first of them.
     """
     files = session_files(session_dir, subject, session)
     label = files.label
@@ -220,7 +221,11 @@ def load_session(session_dir: str | Path, subject: str | None = None,
     if brain.shape != shape:
         raise InputError(f"brain mask shape {brain.shape} differs from the images {shape}",
                          session=label, path=files.brain_mask)
-    ref = "T2w" if "T2w" in vols else contrasts[0]
+    pool = tuple(head_from) if head_from else contrasts
+    if any(c not in vols for c in pool):
+        raise InputError(f"head_from {pool} must be among the contrasts read {contrasts}",
+                         session=label)
+    ref = "T2w" if "T2w" in pool else pool[0]
     head = head_mask(vols[ref])
     if head.sum() < 100:
         raise InputError(f"no head found in the {ref} (empty head mask)", session=label,
@@ -242,20 +247,23 @@ def load_session(session_dir: str | Path, subject: str | None = None,
     )
 
 
-def session_calibration(sd: SessionData) -> Calibration:
+def session_calibration(sd: SessionData, contrasts: Sequence[str] | None = None) -> Calibration:
     """Calibrated per-contrast scales of a loaded session (needs its ``_dseg``: 1 GM, 2 WM,
-    3 CSF, on the images' grid); see :func:`qmriflow.model.calibration.calibrate_scales`."""
+    3 CSF, on the images' grid); see :func:`qmriflow.model.calibration.calibrate_scales`.
+    ``contrasts``: calibrate from these only (default: every contrast loaded)."""
+    use = tuple(contrasts) if contrasts is not None else sd.contrasts
+    idx = [sd.contrasts.index(c) for c in use]
     dseg, _ = _load_volume(sd.files.dseg, "tissue segmentation (dseg)", sd.label)
     if dseg.shape != sd.shape:
         raise InputError(f"tissue segmentation shape {dseg.shape} differs from the images "
                          f"{sd.shape}", session=sd.label, path=sd.files.dseg)
     seg = np.moveaxis(np.rint(dseg).astype(np.int16), 2, 0)
-    medians, counts = tissue_medians(sd.images, seg, sd.brain, sd.contrasts)
+    medians, counts = tissue_medians(sd.images[:, idx], seg, sd.brain, use)
     if "CSF" not in medians:
         raise InputError(f"too few CSF voxels ({counts.get('CSF', 0)}) in the segmentation "
                          "to calibrate the scales", session=sd.label, path=sd.files.dseg)
     try:
-        cal = calibrate_scales({c: sd.protocols[c] for c in sd.contrasts}, medians)
+        cal = calibrate_scales({c: sd.protocols[c] for c in use}, medians)
     except (ValueError, np.linalg.LinAlgError) as exc:
         raise InputError(f"scale calibration failed: {exc}", session=sd.label,
                          path=sd.files.dseg) from None

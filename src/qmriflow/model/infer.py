@@ -145,15 +145,17 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
     if method not in METHODS:
         raise ConfigError(f"scaling must be one of {METHODS}, got {method!r}")
     calibrated = method == "calibrated"
-    # re-synthesise (and calibrate with) every contrast whose image exists, also those not fed
-    # to the network
+    # re-synthesise every contrast whose image exists, also those not fed to the network
     present = session_files(session_dir, subject, session).images
     need = tuple(c for c in CONTRASTS if c in contrasts or ((synth or calibrated)
                                                            and present[c].is_file()))
-    sd = load_session(session_dir, subject, session, need, keep_raw=True)
+    # the head mask (and so the normalisation) from the inputs too
+    sd = load_session(session_dir, subject, session, need, keep_raw=True, head_from=contrasts)
     label = sd.label
     sel = [need.index(c) for c in contrasts]
-    calib = session_calibration(sd) if calibrated else None
+    # calibrated from, pinned to and made consistent with the network's inputs only: a contrast
+    # withheld from the network is withheld from the maps altogether (it is re-synthesised)
+    calib = session_calibration(sd, contrasts) if calibrated else None
     t_read = time.perf_counter() - t0
     t1 = time.perf_counter()
     try:
@@ -210,7 +212,7 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
         for ci, c in enumerate(need):
             proto = sd.protocols[c]
             img, rel = resynthesise(maps, proto, sd.images[:, ci], sd.head, scale_bound,
-                                    None if calib is None else calib.scales[c])
+                                    None if calib is None else calib.scales.get(c))
             scales[c] = rel
             mode = sd.modes[c]
             synth_in = np.moveaxis(img, 0, 2) * np.float32(mode)
@@ -248,12 +250,13 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str]
     """Move the network's maps (S, 3, H, W) onto the calibrated scales, then make them
     consistent with the input images under those scales (the network as prior); returns the
     maps, their per-voxel SDs (S, 3, H, W) and a summary."""
-    protos = [sd.protocols[c] for c in sd.contrasts]
+    inputs = tuple(inputs)
+    protos = [sd.protocols[c] for c in inputs]
     brain = sd.brain & np.all(maps > 0, axis=1)
     shifts = {}
-    for ci, c in enumerate(sd.contrasts):
+    for ci, c in enumerate(inputs):
         f = _signal_of(maps, protos[ci])
-        img = sd.images[:, ci].astype(np.float64)
+        img = sd.images[:, sd.contrasts.index(c)].astype(np.float64)
         m = (brain & (img > 0)).astype(np.float64)
         implied = float(physics.ls_global_scale(f, img, m))
         if not (np.isfinite(implied) and implied > 0):
@@ -261,11 +264,10 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str]
                              session=sd.label)
         shifts[c] = float(np.log(implied / calib.scales[c]))
     moved, info = pin_maps(np.moveaxis(maps, 1, -1), brain, protos,
-                           [shifts[c] for c in sd.contrasts])
+                           [shifts[c] for c in inputs])
     idx = [sd.contrasts.index(c) for c in inputs]
-    moved, refine = refine_maps(moved, brain, [protos[i] for i in idx],
-                                np.moveaxis(sd.images[:, idx], 1, -1),
-                                [calib.scales[sd.contrasts[i]] for i in idx])
+    moved, refine = refine_maps(moved, brain, protos, np.moveaxis(sd.images[:, idx], 1, -1),
+                                [calib.scales[c] for c in inputs])
     sds = scale_sensitivity(moved, brain, protos, np.asarray(calib.log_cov))
     info = {**info, "log_shift": shifts, "refine": refine}
     return (np.moveaxis(moved, -1, 1).astype(np.float32),
