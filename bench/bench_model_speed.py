@@ -125,12 +125,16 @@ def main() -> int:
                      f"{sps:.2f} slices/s", f"{_rss_mib():.0f}"))
         print(rows[-1], flush=True)
     sdir = make_session(tmp / "results", args.slices)
-    for prec in ("fp32", "bf16"):
+    # seed: the network's maps as they are; calibrated (the default method): plus calibration,
+    # pinning and per-voxel data consistency (qmriflow.model.calibration)
+    for prec, scaling in (("fp32", "seed"), ("bf16", "seed"), ("bf16", "calibrated")):
         t0 = time.perf_counter()
-        info = infer_session(sdir, ckpt, tmp / f"maps_{prec}", device="cpu", precision=prec,
-                             threads=args.threads, batch_size=4)
+        info = infer_session(sdir, ckpt, tmp / f"maps_{prec}_{scaling}", device="cpu",
+                             precision=prec, threads=args.threads, batch_size=4,
+                             scaling=scaling)
         wall = time.perf_counter() - t0
-        rows.append(("CPU", f"session {args.slices} slices end to end, {prec}",
+        rows.append(("CPU", f"session {args.slices} slices end to end, {prec}, scaling "
+                            f"{scaling}",
                      f"{wall:.1f} s (network {info['timing_s']['network']:.1f} s, read "
                      f"{info['timing_s']['read']:.1f} s)", f"{_rss_mib():.0f}"))
         print(rows[-1], flush=True)

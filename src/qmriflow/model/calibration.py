@@ -334,7 +334,7 @@ def scale_sensitivity(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[ph
 
 def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Protocol],
                 images: np.ndarray, scales: Sequence[float], noise: float = 0.03,
-                prior_log_sd: float = 0.3, iterations: int = 20
+                prior_log_sd: float = 0.3, iterations: int = 20, tol: float = 1e-6
                 ) -> tuple[np.ndarray, dict[str, float]]:
     """Data consistency with the calibrated scales, voxel by voxel, the network as prior.
 
@@ -343,7 +343,8 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
     mode-normalised images (..., C), s_c the calibrated scales and θ⁰ the (pinned) network maps
     (..., 3). Where the contrasts determine the parameters the data win (noise 0.03 ≪ 0.3);
     along directions they do not determine (a contrast withheld, CSF at the FLAIR null) the
-    network's value stays. Returns the refined maps and a summary.
+    network's value stays. A voxel stops iterating once its accepted step is below ``tol``
+    (in log-parameters). Returns the refined maps and a summary.
     """
     out = np.array(maps, dtype=np.float64, copy=True)
     sel = mask.astype(bool) & np.all(out > 0, axis=-1)
@@ -358,33 +359,50 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
     w = 1.0 / prior_log_sd
     eye = np.eye(3)
 
-    def cost(xv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(cost, log-signals) at log-parameters ``xv``."""
+    def cost(xv: np.ndarray, idx: np.ndarray | slice = slice(None)
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """(cost, log-signals) at log-parameters ``xv`` of the voxels ``idx``."""
         logs = _log_signals(protocols, xv)
         f = sc * np.exp(logs)
-        return (((r - f) / noise) ** 2).sum(1) + ((w * (xv - x0)) ** 2).sum(1), logs
+        return (((r[idx] - f) / noise) ** 2).sum(1) + ((w * (xv - x0[idx])) ** 2).sum(1), logs
 
     lam = np.full(x.shape[0], 1e-3)
     c_now, logf_now = cost(x)
+    active = np.ones(x.shape[0], dtype=bool)
+    steps = 0
     for _ in range(iterations):
+        # only voxels still moving: an accepted step below `tol` (or a hopeless damping)
+        # retires a voxel, which leaves its result unchanged to within `tol`
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        steps += 1
+        xa = x[idx]
         # the signals at x are known from the last cost evaluation
-        logf, jac = _log_jacobian(protocols, x, f0=logf_now)
+        logf, jac = _log_jacobian(protocols, xa, f0=logf_now[idx])
         f = sc * np.exp(logf)
         jl = (f[..., None] * jac) / noise  # d residual / d log θ (sign folded below)
-        res = (f - r) / noise
+        res = (f - r[idx]) / noise
         jt = np.swapaxes(jl, 1, 2)
         a = jt @ jl + (w * w) * eye
-        g = (jt @ res[..., None])[..., 0] + (w * w) * (x - x0)
-        step = -np.linalg.solve(a + lam[:, None, None] * eye, g[..., None])[..., 0]
-        cand = np.clip(x + np.clip(step, -0.5, 0.5), lo, hi)
-        c_new, logf_new = cost(cand)
-        ok = c_new <= c_now
-        x[ok] = cand[ok]
-        logf_now[ok] = logf_new[ok]
-        c_now = np.where(ok, c_new, c_now)
-        lam = np.where(ok, lam * 0.3, lam * 10.0)
+        g = (jt @ res[..., None])[..., 0] + (w * w) * (xa - x0[idx])
+        la = lam[idx]
+        step = -np.linalg.solve(a + la[:, None, None] * eye, g[..., None])[..., 0]
+        cand = np.clip(xa + np.clip(step, -0.5, 0.5), lo, hi)
+        c_new, logf_new = cost(cand, idx)
+        ok = c_new <= c_now[idx]
+        acc = idx[ok]
+        x[acc] = cand[ok]
+        logf_now[acc] = logf_new[ok]
+        c_now[acc] = c_new[ok]
+        la = np.where(ok, la * 0.3, la * 10.0)
+        lam[idx] = la
+        done = (ok & (np.abs(cand - xa).max(axis=1) < tol)) | (la > 1e10)
+        active[idx[done]] = False
     out[sel] = np.exp(x)
     moved = np.abs(x - x0).max(axis=1)
     return out.astype(maps.dtype), {"voxels": int(sel.sum()),
                                     "median_log_change": float(np.median(moved)),
-                                    "noise": noise, "prior_log_sd": prior_log_sd}
+                                    "noise": noise, "prior_log_sd": prior_log_sd,
+                                    "iterations": steps,
+                                    "still_moving": int(active.sum())}
