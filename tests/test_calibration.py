@@ -173,3 +173,46 @@ def test_refine_maps_fits_the_data_with_the_calibrated_scales():
         fit = scales[c] * np.asarray(physics.signal(protos[c], *two.T))
         np.testing.assert_allclose(fit, images[:, c], rtol=5e-3)
     assert np.median(np.abs(two / truth - 1)) > 5 * np.median(np.abs(exact / truth - 1))
+
+
+def test_smooth_correction_weights_by_hand():
+    """Joint-bilateral smoothing of Δ = log(refined) − log(prior): exact weights on a 1×3 row
+    with a flat guide, no leak across an edge of the guide, nothing outside the mask."""
+    prior = np.full((1, 1, 3, 3), 0.5)
+    prior[..., 1] = 1.0
+    prior[..., 2] = 0.08
+    refined = prior.copy()
+    refined[0, 0, 1, 0] *= math.exp(0.3)  # PD of the middle voxel corrected by +0.3 (log)
+    mask = np.ones((1, 1, 3), dtype=bool)
+    assert np.array_equal(cal.smooth_correction(prior, refined, mask, radius=0), refined)
+    out = cal.smooth_correction(prior, refined, mask, radius=1, sigma_space=1.0,
+                                sigma_range=0.1)
+    e = math.exp(-0.5)  # spatial weight of a neighbour at distance 1, σ_s = 1
+    d = np.log(out[0, 0, :, 0] / 0.5)
+    assert d[1] == pytest.approx(0.3 / (1 + 2 * e), rel=1e-12)
+    assert d[0] == pytest.approx(0.3 * e / (1 + e), rel=1e-12)
+    assert d[2] == pytest.approx(d[0], rel=1e-12)
+    assert np.allclose(out[..., 1:], prior[..., 1:], rtol=1e-12)  # T1, T2 had no correction
+    # a constant correction is kept exactly
+    shifted = prior * np.exp([0.1, -0.2, 0.05])
+    assert np.allclose(cal.smooth_correction(prior, shifted, mask, radius=2), shifted,
+                       rtol=1e-12)
+    # an edge in the guide (log-distance 1 ≫ σ_r): the correction does not cross it
+    prior2 = prior.copy()
+    prior2[0, 0, 2, 1] = math.e  # T1 of the right voxel e-fold: a different tissue
+    refined2 = prior2.copy()
+    refined2[0, 0, 2, 0] *= math.exp(0.3)
+    out2 = cal.smooth_correction(prior2, refined2, mask, radius=1, sigma_space=1.0,
+                                 sigma_range=0.1)
+    assert np.log(out2[0, 0, 2, 0] / 0.5) == pytest.approx(0.3, rel=1e-12)
+    assert np.allclose(out2[0, 0, :2], prior2[0, 0, :2], rtol=1e-12, atol=0)
+    # outside the mask: neither changed nor used
+    mask3 = np.array([[[True, True, False]]])
+    refined3 = refined.copy()
+    refined3[0, 0, 2, 0] = 0.9
+    out3 = cal.smooth_correction(prior, refined3, mask3, radius=1, sigma_space=1.0,
+                                 sigma_range=0.1)
+    assert out3[0, 0, 2, 0] == 0.9
+    assert np.log(out3[0, 0, 1, 0] / 0.5) == pytest.approx(0.3 / (1 + e), rel=1e-12)
+    with pytest.raises(ValueError, match="positive"):
+        cal.smooth_correction(prior, refined, mask, radius=1, sigma_range=0.0)

@@ -331,6 +331,35 @@ def test_calibrated_inference_pins_the_maps_and_writes_uncertainty(trained, tiny
         assert side["Scaling"]["method"] == "calibrated"
         assert side["Scaling"]["calibration"]["scales"]["T2w"] == pytest.approx(
             calib.scales["T2w"])
+        assert side["Scaling"]["pinning"]["refine"]["smoothing"] == {
+            "radius": 0, "sigma_space_voxels": 1.5, "sigma_range_log": 0.1}
+    # the edge-preserving smoothing of the data-consistency correction, through the CLI:
+    # recorded, rougher maps made smoother, tissue medians kept
+    from qmriflow.cli import main as cli_main
+
+    sub, ses = sdir.parent.name[4:], sdir.name[4:]
+    assert cli_main(["infer", str(sdir), "--checkpoint", str(out / "model.pt"), "--out-dir",
+                     str(tmp_path / "g"), "--subject", sub, "--session", ses,
+                     "--device", "cpu", "--threads", "1", "--no-synth",
+                     "--smoothing", "2,1.5,0.1"]) == 0
+    gpaths = map_paths(tmp_path / "g", label)
+    side = json.loads(gpaths["PDmap"].with_name(gpaths["PDmap"].name[:-7] + ".json").read_text())
+    assert side["Scaling"]["pinning"]["refine"]["smoothing"] == {
+        "radius": 2, "sigma_space_voxels": 1.5, "sigma_range_log": 0.1}
+    smooth = [nib.load(str(gpaths[k])).get_fdata() for k in keys]
+
+    def roughness(v: np.ndarray) -> float:
+        inner = brain & np.roll(brain, 1, 0) & np.roll(brain, 1, 1)
+        return float(np.median(np.abs(v - np.roll(v, 1, 0))[inner]
+                               + np.abs(v - np.roll(v, 1, 1))[inner]))
+
+    assert roughness(smooth[0]) < 0.9 * roughness(maps[0])
+    for a, b in zip(smooth, maps, strict=True):
+        assert np.median(a[brain]) == pytest.approx(np.median(b[brain]), rel=0.02)
+    with pytest.raises(SystemExit):
+        cli_main(["infer", str(sdir), "--checkpoint", str(out / "model.pt"), "--out-dir",
+                  str(tmp_path / "h"), "--subject", sub, "--session", ses,
+                  "--smoothing", "1.5,1,0.1"])
 
 
 def test_withheld_contrast_is_used_for_nothing_but_its_resynthesis(trained, tiny_sessions,

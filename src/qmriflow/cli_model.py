@@ -26,6 +26,18 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
     return vals
 
 
+def _smoothing(text: str) -> tuple[int, float, float]:
+    """``R,SS,SR`` of ``--smoothing`` (an argparse type: bad values are usage errors)."""
+    try:
+        radius, sigma_space, sigma_range = _floats(text, 3, "--smoothing")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if radius < 0 or radius != int(radius) or sigma_space <= 0 or sigma_range <= 0:
+        raise argparse.ArgumentTypeError(
+            f"radius must be a whole number >= 0 and both SDs > 0, got {text!r}")
+    return int(radius), sigma_space, sigma_range
+
+
 def _contrasts(text: str) -> tuple[str, ...]:
     names = tuple(c.strip() for c in text.split(",") if c.strip())
     bad = [c for c in names if c not in CONTRAST_CHOICES]
@@ -166,6 +178,11 @@ def _infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-bound", type=float, default=0.2)
     p.add_argument("--scaling", choices=["seed", "calibrated"], default=None,
                    help="default: the checkpoint's training setting (seed for published weights)")
+    p.add_argument("--smoothing", type=_smoothing, default=None, metavar="R,SS,SR",
+                   help="calibrated scaling: radius (voxels, 0 = off), spatial SD (voxels) and "
+                        "guide SD (log-units) of the edge-preserving smoothing of the "
+                        "data-consistency correction (default: model.consistency_smoothing "
+                        "of the shipped config)")
     p.add_argument("--no-brain-mask", action="store_true", help="keep maps outside the brain")
     p.add_argument("--no-synth", action="store_true",
                    help="skip the re-synthesised images and difference maps")
@@ -184,7 +201,8 @@ def _infer(a: argparse.Namespace) -> int:
         a.session_dir, a.checkpoint, a.out_dir, subject=a.subject, session=a.session,
         contrasts=contrasts, device=a.device, precision=a.precision, batch_size=a.batch_size,
         threads=a.threads, brain_mask=not a.no_brain_mask, synth=not a.no_synth,
-        scale_bound=a.scale_bound, scaling=a.scaling))
+        scale_bound=a.scale_bound, scaling=a.scaling,
+        **({} if a.smoothing is None else {"smoothing": a.smoothing})))
     _provenance(a, "infer", info)
     med = info["brain_median"]
     print(f"{label}: maps from {'+'.join(contrasts)} in {info['timing_s']['total']:.1f} s "

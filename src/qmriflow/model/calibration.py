@@ -45,6 +45,7 @@ from .. import physics
 __all__ = [
     "CSF_REFERENCE",
     "DEFAULT_METHOD",
+    "DEFAULT_SMOOTHING",
     "GM_REFERENCE",
     "METHODS",
     "Calibration",
@@ -53,6 +54,7 @@ __all__ = [
     "pin_maps",
     "refine_maps",
     "scale_sensitivity",
+    "smooth_correction",
     "tissue_medians",
 ]
 
@@ -62,6 +64,10 @@ METHODS = ("seed", "calibrated")
 
 DEFAULT_METHOD = "calibrated"
 """The default (measured best: bench/bench_model_accuracy.py, bench/RESULTS.md)."""
+
+DEFAULT_SMOOTHING: tuple[int, float, float] = (0, 1.5, 0.1)
+"""(radius in voxels, σ_space in voxels, σ_range in log-units) of :func:`smooth_correction`
+at inference; radius 0 = off (see bench/RESULTS.md for the trade-off)."""
 
 CSF_REFERENCE = {"pd": 1.0, "t1_s": 4.3, "t2_s": 2.0}
 """CSF ≈ water at 37 °C, 3 T (PD = 1 by definition; T1, T2 from the literature)."""
@@ -406,3 +412,52 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
                                     "noise": noise, "prior_log_sd": prior_log_sd,
                                     "iterations": steps,
                                     "still_moving": int(active.sum())}
+
+
+def smooth_correction(prior: np.ndarray, refined: np.ndarray, mask: np.ndarray, *,
+                      radius: int = 2, sigma_space: float = 1.5, sigma_range: float = 0.1
+                      ) -> np.ndarray:
+    """Edge-preserving in-plane smoothing of the data-consistency correction.
+
+    ``prior`` and ``refined`` are (S, H, W, 3) maps (PD, T1, T2 in the last axis) before and
+    after :func:`refine_maps`; the correction Δ = log(refined) − log(prior) is averaged over
+    the in-plane neighbours q of each voxel p (inside ``mask``, |q − p|∞ ≤ ``radius``) with
+    weights exp(−|q − p|² / 2σ_s²) · exp(−‖log prior(q) − log prior(p)‖² / 2σ_r²) — a
+    joint-bilateral filter guided by the network's maps, so tissue edges the network draws
+    are kept and the voxel noise that per-voxel inversion amplifies (mostly in PD) is
+    averaged. Returns prior · exp(Δ̃) inside ``mask`` (bounded to :data:`LIMITS`), ``refined``
+    elsewhere. ``radius`` 0 returns ``refined`` unchanged.
+    """
+    out = np.array(refined, dtype=np.float64, copy=True)
+    if radius <= 0:
+        return out.astype(refined.dtype)
+    if sigma_space <= 0 or sigma_range <= 0:
+        raise ValueError("sigma_space and sigma_range must be positive")
+    sel = mask.astype(bool) & np.all(prior > 0, axis=-1) & np.all(refined > 0, axis=-1)
+    if not sel.any():
+        return out.astype(refined.dtype)
+    guide = np.zeros(prior.shape, dtype=np.float64)
+    delta = np.zeros(prior.shape, dtype=np.float64)
+    guide[sel] = _to_log(np.asarray(prior, dtype=np.float64)[sel])
+    delta[sel] = _to_log(out[sel]) - guide[sel]
+    r = int(radius)
+    pad = ((0, 0), (r, r), (r, r))
+    g_p = np.pad(guide, (*pad, (0, 0)))
+    d_p = np.pad(delta, (*pad, (0, 0)))
+    m_p = np.pad(sel.astype(np.float64), pad)
+    h, w = sel.shape[1:]
+    num = np.zeros_like(delta)
+    den = np.zeros(sel.shape, dtype=np.float64)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            ys, xs = slice(r + dy, r + dy + h), slice(r + dx, r + dx + w)
+            dist2 = ((g_p[:, ys, xs] - guide) ** 2).sum(-1)
+            wt = (m_p[:, ys, xs] * math.exp(-(dy * dy + dx * dx) / (2 * sigma_space ** 2))
+                  * np.exp(-dist2 / (2 * sigma_range ** 2)))
+            num += wt[..., None] * d_p[:, ys, xs]
+            den += wt
+    lo = np.log([LIMITS[p][0] for p in PARAMS])
+    hi = np.log([LIMITS[p][1] for p in PARAMS])
+    # den ≥ the voxel's own weight (1) inside the mask
+    out[sel] = np.exp(np.clip(guide[sel] + num[sel] / den[sel][:, None], lo, hi))
+    return out.astype(refined.dtype)

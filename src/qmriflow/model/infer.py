@@ -37,7 +37,14 @@ import torch
 from .. import __version__, physics
 from ..errors import ConfigError, InputError
 from ..io import save_nifti
-from .calibration import METHODS, pin_maps, refine_maps, scale_sensitivity
+from .calibration import (
+    DEFAULT_SMOOTHING,
+    METHODS,
+    pin_maps,
+    refine_maps,
+    scale_sensitivity,
+    smooth_correction,
+)
 from .checkpoint import load_model
 from .data import load_session, session_calibration, session_files
 from .normalise import CONTRASTS
@@ -124,11 +131,15 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
                   contrasts: Sequence[str] = CONTRASTS, device: str = "auto",
                   precision: str = "auto", batch_size: int = 4, threads: int | None = None,
                   brain_mask: bool = True, synth: bool = True,
-                  scale_bound: float = 0.2, scaling: str | None = None) -> dict[str, Any]:
+                  scale_bound: float = 0.2, scaling: str | None = None,
+                  smoothing: Sequence[float] = DEFAULT_SMOOTHING) -> dict[str, Any]:
     """Predict and write one session's maps (see the module docstring); returns a summary.
 
     ``scaling``: ``seed`` or ``calibrated``; ``None`` takes the one the checkpoint was trained
     with (``seed`` for checkpoints that do not say, e.g. published weights).
+    ``smoothing``: (radius, σ_space, σ_range) of the edge-preserving smoothing of the
+    data-consistency correction (calibrated scaling only; radius 0 = off), see
+    :func:`~qmriflow.model.calibration.smooth_correction`.
     """
     t0 = time.perf_counter()
     if threads:
@@ -170,7 +181,7 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
     sds = None
     pinning: dict[str, Any] = {}
     if calib is not None:
-        maps, sds, pinning = _pin(maps, sd, calib, contrasts)
+        maps, sds, pinning = _pin(maps, sd, calib, contrasts, smoothing)
     paths = map_paths(out_dir, label)
     files = sd.files
     common = {
@@ -245,11 +256,13 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
     return summary
 
 
-def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str]
+def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
+         smoothing: Sequence[float] = DEFAULT_SMOOTHING
          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Move the network's maps (S, 3, H, W) onto the calibrated scales, then make them
-    consistent with the input images under those scales (the network as prior); returns the
-    maps, their per-voxel SDs (S, 3, H, W) and a summary."""
+    consistent with the input images under those scales (the network as prior) and smooth
+    that correction edge-preservingly (``smoothing`` = radius, σ_space, σ_range; radius 0 =
+    off); returns the maps, their per-voxel SDs (S, 3, H, W) and a summary."""
     inputs = tuple(inputs)
     protos = [sd.protocols[c] for c in inputs]
     brain = sd.brain & np.all(maps > 0, axis=1)
@@ -266,8 +279,14 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str]
     moved, info = pin_maps(np.moveaxis(maps, 1, -1), brain, protos,
                            [shifts[c] for c in inputs])
     idx = [sd.contrasts.index(c) for c in inputs]
-    moved, refine = refine_maps(moved, brain, protos, np.moveaxis(sd.images[:, idx], 1, -1),
-                                [calib.scales[c] for c in inputs])
+    refined, refine = refine_maps(moved, brain, protos,
+                                  np.moveaxis(sd.images[:, idx], 1, -1),
+                                  [calib.scales[c] for c in inputs])
+    radius, sigma_space, sigma_range = smoothing
+    moved = smooth_correction(moved, refined, brain, radius=int(radius),
+                              sigma_space=float(sigma_space), sigma_range=float(sigma_range))
+    refine["smoothing"] = {"radius": int(radius), "sigma_space_voxels": float(sigma_space),
+                           "sigma_range_log": float(sigma_range)}
     sds = scale_sensitivity(moved, brain, protos, np.asarray(calib.log_cov))
     info = {**info, "log_shift": shifts, "refine": refine}
     return (np.moveaxis(moved, -1, 1).astype(np.float32),
