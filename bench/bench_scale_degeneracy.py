@@ -134,13 +134,18 @@ def main() -> int:
                     help="compare two twins both synthesised from the truth maps (same cluster "
                          "re-drawn vs +4 clusters) instead of the session vs its twin: removes "
                          "the difference between signal- and parameter-space partial volume")
-    ap.add_argument("--smoothing", default=None, metavar="R,SS,SR",
-                    help="calibrated inference with this consistency smoothing (radius, "
-                         "spatial SD, guide SD); runs are keyed method/seed/smooth-R-SS-SR "
-                         "and reuse the trained model")
+    ap.add_argument("--smoothing", default=None, metavar="R,SS,SR,SV",
+                    help="calibrated inference with this map smoothing (radius, spatial SD, "
+                         "guide SD, value SD; radius 0 = off) instead of the default; runs are "
+                         "keyed method/seed/smooth-R-SS-SR-SV-GUIDE and reuse the trained model")
+    ap.add_argument("--guide", default="images", choices=["images", "network"],
+                    help="with --smoothing: what steers the edge-preserving weights")
     a = ap.parse_args()
+    if a.smoothing:
+        a.smoothing = f"{a.smoothing},{a.guide}"
     import torch
 
+    from qmriflow.model.calibration import Smoothing
     from qmriflow.model.data import pack_sessions
     from qmriflow.model.infer import infer_session
     from qmriflow.model.train import TrainConfig, train
@@ -181,8 +186,10 @@ def main() -> int:
             t_train = time.perf_counter() - t0
             mp = mdir / (("maps_pin" if pin else "maps") + ("_tt" if a.twins_from_truth else "")
                          + (f"_smooth{a.smoothing.replace(',', '-')}" if a.smoothing else ""))
-            extra = ({"smoothing": tuple(float(v) for v in a.smoothing.split(","))}
-                     if a.smoothing else {})
+            extra = {}
+            if a.smoothing:  # radius, spatial SD, guide SD, value SD, guide
+                r_, ss_, sr_, sv_, g_ = a.smoothing.split(",")
+                extra["smoothing"] = Smoothing(int(r_), float(ss_), float(sr_), float(sv_), g_)
             ses, tw = [], []
             for d, tdir in zip(dirs, twins, strict=True):
                 for s in (d, tdir):

@@ -3,11 +3,11 @@
 # T1/T2/PD maps for every session. Thin rules: each calls one `qmriflow <step>`.
 #
 # Config (section `model:`): checkpoint, width, epochs, batch_size, lr, lambda_tv, lambda_pd,
-# dropout, init, seed, scaling, consistency_smoothing, split, steps_per_epoch, device, precision, threads, train_gpu,
-# train_mem_mb, train_runtime_min, infer_gpu, infer_batch_size, infer_mem_mb,
+# dropout, init, seed, scaling, map_smoothing, split, steps_per_epoch, device, precision,
+# threads, train_gpu, train_mem_mb, train_runtime_min, infer_gpu, infer_batch_size, infer_mem_mb,
 # min_head_fraction, search_trials, search_epochs.
 MODEL = config["model"]
-SMOOTH = MODEL["consistency_smoothing"]
+SMOOTH = MODEL["map_smoothing"]
 PACK = WORK / "model" / "pack"
 MODEL_DIR = OUT / "model"
 TRAINED = MODEL_DIR / "model.pt"
@@ -112,7 +112,9 @@ rule infer:
         outdir=lambda w, output: Path(output.t1).parent,
         run=(f"--device {MODEL['device']} --precision {MODEL['precision']} "
              f"--batch-size {MODEL['infer_batch_size']} --scaling {MODEL['scaling']} "
-             f"--smoothing {SMOOTH['radius']},{SMOOTH['sigma_space']},{SMOOTH['sigma_range']}"),
+             f"--smoothing {SMOOTH['radius']},{SMOOTH['sigma_space']},{SMOOTH['sigma_range']},"
+             f"{SMOOTH['sigma_value']} "
+             f"--smoothing-guide {SMOOTH['guide']}"),
         flags=session_flags,
     benchmark:
         WORK / "benchmarks" / "infer" / f"{SES}.tsv"

@@ -175,44 +175,67 @@ def test_refine_maps_fits_the_data_with_the_calibrated_scales():
     assert np.median(np.abs(two / truth - 1)) > 5 * np.median(np.abs(exact / truth - 1))
 
 
-def test_smooth_correction_weights_by_hand():
-    """Joint-bilateral smoothing of Δ = log(refined) − log(prior): exact weights on a 1×3 row
-    with a flat guide, no leak across an edge of the guide, nothing outside the mask."""
-    prior = np.full((1, 1, 3, 3), 0.5)
-    prior[..., 1] = 1.0
-    prior[..., 2] = 0.08
-    refined = prior.copy()
-    refined[0, 0, 1, 0] *= math.exp(0.3)  # PD of the middle voxel corrected by +0.3 (log)
+def test_smooth_maps_weights_by_hand():
+    """Joint-bilateral smoothing of the log-maps: exact weights on a 1×3 row with a flat guide,
+    no leak across an edge of the guide, nothing outside the mask."""
+    maps = np.full((1, 1, 3, 3), 0.5)
+    maps[..., 1] = 1.0
+    maps[..., 2] = 0.08
+    maps[0, 0, 1, 0] *= math.exp(0.3)  # PD of the middle voxel +0.3 (log)
     mask = np.ones((1, 1, 3), dtype=bool)
-    assert np.array_equal(cal.smooth_correction(prior, refined, mask, radius=0), refined)
-    out = cal.smooth_correction(prior, refined, mask, radius=1, sigma_space=1.0,
-                                sigma_range=0.1)
+    flat = np.zeros((1, 1, 3, 2))
+    assert np.array_equal(cal.smooth_maps(maps, mask, flat, radius=0), maps)
+    out = cal.smooth_maps(maps, mask, flat, radius=1, sigma_space=1.0, sigma_range=0.1)
     e = math.exp(-0.5)  # spatial weight of a neighbour at distance 1, σ_s = 1
     d = np.log(out[0, 0, :, 0] / 0.5)
     assert d[1] == pytest.approx(0.3 / (1 + 2 * e), rel=1e-12)
     assert d[0] == pytest.approx(0.3 * e / (1 + e), rel=1e-12)
     assert d[2] == pytest.approx(d[0], rel=1e-12)
-    assert np.allclose(out[..., 1:], prior[..., 1:], rtol=1e-12)  # T1, T2 had no correction
-    # a constant correction is kept exactly
-    shifted = prior * np.exp([0.1, -0.2, 0.05])
-    assert np.allclose(cal.smooth_correction(prior, shifted, mask, radius=2), shifted,
-                       rtol=1e-12)
-    # an edge in the guide (log-distance 1 ≫ σ_r): the correction does not cross it
-    prior2 = prior.copy()
-    prior2[0, 0, 2, 1] = math.e  # T1 of the right voxel e-fold: a different tissue
-    refined2 = prior2.copy()
-    refined2[0, 0, 2, 0] *= math.exp(0.3)
-    out2 = cal.smooth_correction(prior2, refined2, mask, radius=1, sigma_space=1.0,
-                                 sigma_range=0.1)
-    assert np.log(out2[0, 0, 2, 0] / 0.5) == pytest.approx(0.3, rel=1e-12)
-    assert np.allclose(out2[0, 0, :2], prior2[0, 0, :2], rtol=1e-12, atol=0)
+    assert np.allclose(out[..., 1:], maps[..., 1:], rtol=1e-12)  # flat T1, T2 stay
+    # an edge in the guide: the right voxel is another tissue in the images
+    edge = flat.copy()
+    edge[0, 0, 2] = 1.0
+    out = cal.smooth_maps(maps, mask, edge, radius=1, sigma_space=1.0, sigma_range=0.1)
+    w = math.exp(-2.0 / (2 * 0.1 ** 2))  # guide distance² = 2 (two channels of 1)
+    d = np.log(out[0, 0, :, 0] / 0.5)
+    assert d[0] == pytest.approx(0.3 * e / (1 + e), rel=1e-12)
+    assert d[1] == pytest.approx(0.3 / (1 + e + e * w), rel=1e-12)
+    assert d[2] == pytest.approx(0.3 * e * w / (1 + e * w), rel=1e-12)
+    # no guide: the maps steer themselves (their own log-distance 0.3 = 3 σ_r)
+    out = cal.smooth_maps(maps, mask, radius=1, sigma_space=1.0, sigma_range=0.1)
+    v = math.exp(-0.09 / (2 * 0.1 ** 2))
+    assert np.log(out[0, 0, 1, 0] / 0.5) == pytest.approx(0.3 / (1 + 2 * e * v), rel=1e-12)
+    # with the value term: a neighbour 0.3 (log) away weighs exp(-0.5) less; an outlier at the
+    # T1 limit (log-distance 1.7 ≫ σ_v) does not spread into its neighbours
+    out = cal.smooth_maps(maps, mask, flat, radius=1, sigma_space=1.0, sigma_range=0.1,
+                          sigma_value=0.3)
+    d = np.log(out[0, 0, :, 0] / 0.5)
+    assert d[1] == pytest.approx(0.3 / (1 + 2 * e * e), rel=1e-12)
+    assert d[0] == pytest.approx(0.3 * e * e / (1 + e * e), rel=1e-12)
+    spike = np.broadcast_to(np.array([0.7, 0.9, 0.07]), maps.shape).copy()
+    spike[0, 0, 1, 1] = 5.0
+    out = cal.smooth_maps(spike, mask, flat, radius=1, sigma_space=1.0, sigma_range=0.1,
+                          sigma_value=0.3)
+    assert np.abs(np.log(out[0, 0, [0, 2], 1] / 0.9)).max() < 1e-6
+    assert cal.smooth_maps(spike, mask, flat, radius=1, sigma_space=1.0,
+                           sigma_range=0.1)[0, 0, 0, 1] > 1.5 * 0.9  # it does without
     # outside the mask: neither changed nor used
     mask3 = np.array([[[True, True, False]]])
-    refined3 = refined.copy()
-    refined3[0, 0, 2, 0] = 0.9
-    out3 = cal.smooth_correction(prior, refined3, mask3, radius=1, sigma_space=1.0,
-                                 sigma_range=0.1)
-    assert out3[0, 0, 2, 0] == 0.9
-    assert np.log(out3[0, 0, 1, 0] / 0.5) == pytest.approx(0.3 / (1 + e), rel=1e-12)
+    maps3 = maps.copy()
+    maps3[0, 0, 2, 0] = 0.9
+    out = cal.smooth_maps(maps3, mask3, flat, radius=1, sigma_space=1.0, sigma_range=0.1)
+    assert out[0, 0, 2, 0] == 0.9
+    assert np.log(out[0, 0, 1, 0] / 0.5) == pytest.approx(0.3 / (1 + e), rel=1e-12)
+    # a constant map is kept exactly
+    const = np.broadcast_to(np.array([0.7, 0.9, 0.07]), maps.shape).copy()
+    assert np.allclose(cal.smooth_maps(const, mask, flat, radius=2), const, rtol=1e-12)
     with pytest.raises(ValueError, match="positive"):
-        cal.smooth_correction(prior, refined, mask, radius=1, sigma_range=0.0)
+        cal.smooth_maps(maps, mask, flat, radius=1, sigma_range=0.0)
+
+
+def test_smoothing_settings():
+    assert cal.DEFAULT_SMOOTHING == cal.Smoothing(2, 1.5, 0.1, 0.3, "images")
+    for bad in ({"radius": -1}, {"radius": 1.5}, {"sigma_space": 0.0}, {"sigma_value": 0.0},
+                {"guide": "t1w"}):
+        with pytest.raises(ValueError):
+            cal.Smoothing(**bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -28,16 +29,15 @@ def test_default_config_is_valid():
                                                "flair_short_te_ms": 200.0}
 
 
-def test_consistency_smoothing_defaults_agree():
+def test_map_smoothing_defaults_agree():
     """The shipped config, the schema's default and the code's default are one setting."""
     from qmriflow.model.calibration import DEFAULT_SMOOTHING
 
-    keys = ("radius", "sigma_space", "sigma_range")
-    shipped = load_config(REPO / "workflow_config.yaml")["model"]["consistency_smoothing"]
-    schema = validate_config({"input_dir": "x"})["model"]["consistency_smoothing"]
-    assert tuple(shipped[k] for k in keys) == tuple(schema[k] for k in keys) == DEFAULT_SMOOTHING
-    with pytest.raises(ConfigError, match=r"model\.consistency_smoothing"):
-        validate_config({"input_dir": "x", "model": {"consistency_smoothing": {"radius": -1}}})
+    shipped = load_config(REPO / "workflow_config.yaml")["model"]["map_smoothing"]
+    schema = validate_config({"input_dir": "x"})["model"]["map_smoothing"]
+    assert shipped == schema == dataclasses.asdict(DEFAULT_SMOOTHING)
+    with pytest.raises(ConfigError, match=r"model\.map_smoothing"):
+        validate_config({"input_dir": "x", "model": {"map_smoothing": {"radius": -1}}})
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,12 @@ Registered on ``qmriflow.cli`` with the same decorators as the other steps; impo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from .cli import _provenance, _session_args, _with_session, arguments, command
 from .errors import ConfigError
-from .model.calibration import DEFAULT_METHOD
+from .model.calibration import DEFAULT_METHOD, DEFAULT_SMOOTHING, SMOOTHING_GUIDES, Smoothing
 
 CONTRAST_CHOICES = ("T1w", "T2w", "FLAIR")
 
@@ -26,16 +27,23 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
     return vals
 
 
-def _smoothing(text: str) -> tuple[int, float, float]:
-    """``R,SS,SR`` of ``--smoothing`` (an argparse type: bad values are usage errors)."""
+def _smoothing(text: str) -> tuple[float, ...]:
+    """``R,SS,SR,SV`` of ``--smoothing`` (an argparse type: bad values are usage errors)."""
     try:
-        radius, sigma_space, sigma_range = _floats(text, 3, "--smoothing")
+        vals = _floats(text, 4, "--smoothing")
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    if radius < 0 or radius != int(radius) or sigma_space <= 0 or sigma_range <= 0:
+    if vals[0] < 0 or vals[0] != int(vals[0]) or min(vals[1:]) <= 0:
         raise argparse.ArgumentTypeError(
-            f"radius must be a whole number >= 0 and both SDs > 0, got {text!r}")
-    return int(radius), sigma_space, sigma_range
+            f"radius must be a whole number >= 0 and the three SDs > 0, got {text!r}")
+    return vals
+
+
+def _smoothing_of(a: argparse.Namespace) -> Smoothing:
+    if a.smoothing is None:
+        return Smoothing(**{**dataclasses.asdict(DEFAULT_SMOOTHING), "guide": a.smoothing_guide})
+    r, ss, sr, sv = a.smoothing
+    return Smoothing(int(r), ss, sr, sv, a.smoothing_guide)
 
 
 def _contrasts(text: str) -> tuple[str, ...]:
@@ -178,11 +186,16 @@ def _infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-bound", type=float, default=0.2)
     p.add_argument("--scaling", choices=["seed", "calibrated"], default=None,
                    help="default: the checkpoint's training setting (seed for published weights)")
-    p.add_argument("--smoothing", type=_smoothing, default=None, metavar="R,SS,SR",
-                   help="calibrated scaling: radius (voxels, 0 = off), spatial SD (voxels) and "
-                        "guide SD (log-units) of the edge-preserving smoothing of the "
-                        "data-consistency correction (default: model.consistency_smoothing "
-                        "of the shipped config)")
+    d = DEFAULT_SMOOTHING
+    p.add_argument("--smoothing", type=_smoothing, default=None, metavar="R,SS,SR,SV",
+                   help="calibrated scaling: radius (voxels, 0 = off), spatial SD (voxels), "
+                        "guide SD and value SD (log-units) of the edge-preserving smoothing of "
+                        f"the data-consistent maps (default: {d.radius},{d.sigma_space},"
+                        f"{d.sigma_range},{d.sigma_value})")
+    p.add_argument("--smoothing-guide", choices=SMOOTHING_GUIDES,
+                   default=DEFAULT_SMOOTHING.guide,
+                   help="what steers the smoothing's edge-preserving weights: the input "
+                        "images or the network's maps")
     p.add_argument("--no-brain-mask", action="store_true", help="keep maps outside the brain")
     p.add_argument("--no-synth", action="store_true",
                    help="skip the re-synthesised images and difference maps")
@@ -201,8 +214,7 @@ def _infer(a: argparse.Namespace) -> int:
         a.session_dir, a.checkpoint, a.out_dir, subject=a.subject, session=a.session,
         contrasts=contrasts, device=a.device, precision=a.precision, batch_size=a.batch_size,
         threads=a.threads, brain_mask=not a.no_brain_mask, synth=not a.no_synth,
-        scale_bound=a.scale_bound, scaling=a.scaling,
-        **({} if a.smoothing is None else {"smoothing": a.smoothing})))
+        scale_bound=a.scale_bound, scaling=a.scaling, smoothing=_smoothing_of(a)))
     _provenance(a, "infer", info)
     med = info["brain_median"]
     print(f"{label}: maps from {'+'.join(contrasts)} in {info['timing_s']['total']:.1f} s "

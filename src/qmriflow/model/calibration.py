@@ -48,13 +48,15 @@ __all__ = [
     "DEFAULT_SMOOTHING",
     "GM_REFERENCE",
     "METHODS",
+    "SMOOTHING_GUIDES",
     "Calibration",
     "Priors",
+    "Smoothing",
     "calibrate_scales",
     "pin_maps",
     "refine_maps",
     "scale_sensitivity",
-    "smooth_correction",
+    "smooth_maps",
     "tissue_medians",
 ]
 
@@ -65,9 +67,6 @@ METHODS = ("seed", "calibrated")
 DEFAULT_METHOD = "calibrated"
 """The default (measured best: bench/bench_model_accuracy.py, bench/RESULTS.md)."""
 
-DEFAULT_SMOOTHING: tuple[int, float, float] = (0, 1.5, 0.1)
-"""(radius in voxels, σ_space in voxels, σ_range in log-units) of :func:`smooth_correction`
-at inference; radius 0 = off (see bench/RESULTS.md for the trade-off)."""
 
 CSF_REFERENCE = {"pd": 1.0, "t1_s": 4.3, "t2_s": 2.0}
 """CSF ≈ water at 37 °C, 3 T (PD = 1 by definition; T1, T2 from the literature)."""
@@ -97,6 +96,42 @@ class Priors:
     """Relative error of a tissue median (partial volume, residual bias field, segmentation)."""
     abs_noise: float = 0.01
     """Absolute error floor of a tissue median (units of the mode-normalised image)."""
+
+
+SMOOTHING_GUIDES = ("images", "network")
+"""What steers :func:`smooth_maps`' edge-preserving weights at inference: the log of the
+mode-normalised input images (the data's own edges), or the log of the network's maps."""
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """Settings of :func:`smooth_maps` at inference (``model.map_smoothing``)."""
+
+    radius: int = 2
+    """Half-width of the in-plane window (voxels); 0 = off."""
+    sigma_space: float = 1.5
+    """Spatial SD of the weights (voxels)."""
+    sigma_range: float = 0.1
+    """SD of the guide's log-distance in the weights."""
+    sigma_value: float = 0.3
+    """SD of the maps' own log-distance in the weights (outliers do not spread)."""
+    guide: str = "images"
+    """One of :data:`SMOOTHING_GUIDES`."""
+
+    def __post_init__(self) -> None:
+        if self.radius < 0 or self.radius != int(self.radius):
+            raise ValueError(f"smoothing radius must be a whole number >= 0, got {self.radius}")
+        if not (self.sigma_space > 0 and self.sigma_range > 0 and self.sigma_value > 0):
+            raise ValueError("smoothing sigma_space, sigma_range and sigma_value must be "
+                             "positive")
+        if self.guide not in SMOOTHING_GUIDES:
+            raise ValueError(f"smoothing guide must be one of {SMOOTHING_GUIDES}, "
+                             f"got {self.guide!r}")
+
+
+DEFAULT_SMOOTHING = Smoothing()
+"""Measured best (bench/RESULTS.md, "Scale degeneracy": smoothing variants): protocol
+invariance of PD, and higher correlation with the truth, without blurring the WM/GM contrast."""
 
 
 @dataclass
@@ -414,50 +449,53 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
                                     "still_moving": int(active.sum())}
 
 
-def smooth_correction(prior: np.ndarray, refined: np.ndarray, mask: np.ndarray, *,
-                      radius: int = 2, sigma_space: float = 1.5, sigma_range: float = 0.1
-                      ) -> np.ndarray:
-    """Edge-preserving in-plane smoothing of the data-consistency correction.
+def smooth_maps(maps: np.ndarray, mask: np.ndarray, guide: np.ndarray | None = None, *,
+                radius: int = 2, sigma_space: float = 1.5, sigma_range: float = 0.1,
+                sigma_value: float | None = None) -> np.ndarray:
+    """Edge-preserving in-plane smoothing of log-maps (a joint-bilateral filter).
 
-    ``prior`` and ``refined`` are (S, H, W, 3) maps (PD, T1, T2 in the last axis) before and
-    after :func:`refine_maps`; the correction Δ = log(refined) − log(prior) is averaged over
-    the in-plane neighbours q of each voxel p (inside ``mask``, |q − p|∞ ≤ ``radius``) with
-    weights exp(−|q − p|² / 2σ_s²) · exp(−‖log prior(q) − log prior(p)‖² / 2σ_r²) — a
-    joint-bilateral filter guided by the network's maps, so tissue edges the network draws
-    are kept and the voxel noise that per-voxel inversion amplifies (mostly in PD) is
-    averaged. Returns prior · exp(Δ̃) inside ``mask`` (bounded to :data:`LIMITS`), ``refined``
-    elsewhere. ``radius`` 0 returns ``refined`` unchanged.
+    ``maps`` (S, H, W, 3): PD, T1, T2 in the last axis. Each voxel p inside ``mask`` becomes
+    exp(Σ_q w_pq log maps(q) / Σ_q w_pq) over its in-plane neighbours q inside ``mask``
+    (|q − p|∞ ≤ ``radius``), with w_pq = exp(−|q − p|² / 2σ_s²) · exp(−‖g(q) − g(p)‖² / 2σ_r²):
+    ``guide`` g (S, H, W, K), already in log-units — at inference the log of the
+    mode-normalised input images, whose tissue edges are sharp — or, if ``None``, the log of
+    the maps themselves. Tissue edges are kept and the voxel noise that per-voxel inversion
+    amplifies (mostly in PD) is averaged. With ``sigma_value`` the weights also carry
+    exp(−‖log maps(q) − log maps(p)‖² / 2σ_v²), so a neighbour whose value is far off (a voxel
+    the data consistency left at a limit) does not spread. Bounded to :data:`LIMITS`; voxels
+    outside ``mask`` are neither changed nor used. ``radius`` 0 returns ``maps`` unchanged.
     """
-    out = np.array(refined, dtype=np.float64, copy=True)
+    out = np.array(maps, dtype=np.float64, copy=True)
     if radius <= 0:
-        return out.astype(refined.dtype)
-    if sigma_space <= 0 or sigma_range <= 0:
-        raise ValueError("sigma_space and sigma_range must be positive")
-    sel = mask.astype(bool) & np.all(prior > 0, axis=-1) & np.all(refined > 0, axis=-1)
+        return out.astype(maps.dtype)
+    if sigma_space <= 0 or sigma_range <= 0 or (sigma_value is not None and sigma_value <= 0):
+        raise ValueError("sigma_space, sigma_range and sigma_value must be positive")
+    sel = mask.astype(bool) & np.all(out > 0, axis=-1)
     if not sel.any():
-        return out.astype(refined.dtype)
-    guide = np.zeros(prior.shape, dtype=np.float64)
-    delta = np.zeros(prior.shape, dtype=np.float64)
-    guide[sel] = _to_log(np.asarray(prior, dtype=np.float64)[sel])
-    delta[sel] = _to_log(out[sel]) - guide[sel]
+        return out.astype(maps.dtype)
+    logm = np.zeros(out.shape, dtype=np.float64)
+    logm[sel] = _to_log(out[sel])
+    g = logm if guide is None else np.where(sel[..., None], np.asarray(guide, np.float64), 0.0)
     r = int(radius)
     pad = ((0, 0), (r, r), (r, r))
-    g_p = np.pad(guide, (*pad, (0, 0)))
-    d_p = np.pad(delta, (*pad, (0, 0)))
+    g_p = np.pad(g, (*pad, (0, 0)))
+    v_p = np.pad(logm, (*pad, (0, 0)))
     m_p = np.pad(sel.astype(np.float64), pad)
     h, w = sel.shape[1:]
-    num = np.zeros_like(delta)
+    num = np.zeros_like(logm)
     den = np.zeros(sel.shape, dtype=np.float64)
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
             ys, xs = slice(r + dy, r + dy + h), slice(r + dx, r + dx + w)
-            dist2 = ((g_p[:, ys, xs] - guide) ** 2).sum(-1)
+            expo = ((g_p[:, ys, xs] - g) ** 2).sum(-1) / (2 * sigma_range ** 2)
+            if sigma_value is not None:
+                expo += ((v_p[:, ys, xs] - logm) ** 2).sum(-1) / (2 * sigma_value ** 2)
             wt = (m_p[:, ys, xs] * math.exp(-(dy * dy + dx * dx) / (2 * sigma_space ** 2))
-                  * np.exp(-dist2 / (2 * sigma_range ** 2)))
-            num += wt[..., None] * d_p[:, ys, xs]
+                  * np.exp(-expo))
+            num += wt[..., None] * v_p[:, ys, xs]
             den += wt
     lo = np.log([LIMITS[p][0] for p in PARAMS])
     hi = np.log([LIMITS[p][1] for p in PARAMS])
     # den ≥ the voxel's own weight (1) inside the mask
-    out[sel] = np.exp(np.clip(guide[sel] + num[sel] / den[sel][:, None], lo, hi))
-    return out.astype(refined.dtype)
+    out[sel] = np.exp(np.clip(num[sel] / den[sel][:, None], lo, hi))
+    return out.astype(maps.dtype)

@@ -40,10 +40,11 @@ from ..io import save_nifti
 from .calibration import (
     DEFAULT_SMOOTHING,
     METHODS,
+    Smoothing,
     pin_maps,
     refine_maps,
     scale_sensitivity,
-    smooth_correction,
+    smooth_maps,
 )
 from .checkpoint import load_model
 from .data import load_session, session_calibration, session_files
@@ -132,14 +133,13 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
                   precision: str = "auto", batch_size: int = 4, threads: int | None = None,
                   brain_mask: bool = True, synth: bool = True,
                   scale_bound: float = 0.2, scaling: str | None = None,
-                  smoothing: Sequence[float] = DEFAULT_SMOOTHING) -> dict[str, Any]:
+                  smoothing: Smoothing = DEFAULT_SMOOTHING) -> dict[str, Any]:
     """Predict and write one session's maps (see the module docstring); returns a summary.
 
     ``scaling``: ``seed`` or ``calibrated``; ``None`` takes the one the checkpoint was trained
     with (``seed`` for checkpoints that do not say, e.g. published weights).
-    ``smoothing``: (radius, σ_space, σ_range) of the edge-preserving smoothing of the
-    data-consistency correction (calibrated scaling only; radius 0 = off), see
-    :func:`~qmriflow.model.calibration.smooth_correction`.
+    ``smoothing``: the edge-preserving smoothing of the data-consistent maps (calibrated
+    scaling only; radius 0 = off), see :func:`~qmriflow.model.calibration.smooth_maps`.
     """
     t0 = time.perf_counter()
     if threads:
@@ -256,13 +256,19 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
     return summary
 
 
+def _to_log_maps(maps: np.ndarray) -> np.ndarray:
+    """log of (..., 3) maps, floored (the guide of ``smoothing.guide == "network"``)."""
+    return np.log(np.maximum(np.asarray(maps, dtype=np.float64), 1e-6))
+
+
 def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
-         smoothing: Sequence[float] = DEFAULT_SMOOTHING
+         smoothing: Smoothing = DEFAULT_SMOOTHING
          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Move the network's maps (S, 3, H, W) onto the calibrated scales, then make them
     consistent with the input images under those scales (the network as prior) and smooth
-    that correction edge-preservingly (``smoothing`` = radius, σ_space, σ_range; radius 0 =
-    off); returns the maps, their per-voxel SDs (S, 3, H, W) and a summary."""
+    the result edge-preservingly (``smoothing``; radius 0 = off), guided by the input images
+    or the network's maps; returns the maps, their per-voxel SDs (S, 3, H, W) and a
+    summary."""
     inputs = tuple(inputs)
     protos = [sd.protocols[c] for c in inputs]
     brain = sd.brain & np.all(maps > 0, axis=1)
@@ -282,11 +288,19 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
     refined, refine = refine_maps(moved, brain, protos,
                                   np.moveaxis(sd.images[:, idx], 1, -1),
                                   [calib.scales[c] for c in inputs])
-    radius, sigma_space, sigma_range = smoothing
-    moved = smooth_correction(moved, refined, brain, radius=int(radius),
-                              sigma_space=float(sigma_space), sigma_range=float(sigma_range))
-    refine["smoothing"] = {"radius": int(radius), "sigma_space_voxels": float(sigma_space),
-                           "sigma_range_log": float(sigma_range)}
+    # edge-preserving smoothing of the result, steered by the inputs' (or the network's) edges
+    guide = (np.log(np.maximum(np.moveaxis(sd.images[:, idx], 1, -1).astype(np.float64), 1e-3))
+             if smoothing.guide == "images" else _to_log_maps(moved))
+    moved = smooth_maps(refined, brain, guide, radius=smoothing.radius,
+                        sigma_space=smoothing.sigma_space, sigma_range=smoothing.sigma_range,
+                        sigma_value=smoothing.sigma_value)
+    refine["smoothing"] = {"radius": smoothing.radius,
+                           "sigma_space_voxels": smoothing.sigma_space,
+                           "sigma_range_log": smoothing.sigma_range,
+                           "sigma_value_log": smoothing.sigma_value,
+                           "guide": ("log of the mode-normalised inputs "
+                                     + "+".join(inputs) if smoothing.guide == "images"
+                                     else "log of the network's maps")}
     sds = scale_sensitivity(moved, brain, protos, np.asarray(calib.log_cov))
     info = {**info, "log_shift": shifts, "refine": refine}
     return (np.moveaxis(moved, -1, 1).astype(np.float32),
