@@ -333,7 +333,7 @@ def test_calibrated_inference_pins_the_maps_and_writes_uncertainty(trained, tiny
         assert side["Scaling"]["calibration"]["scales"]["T2w"] == pytest.approx(
             calib.scales["T2w"])
         assert side["Scaling"]["pinning"]["refine"]["smoothing"]["radius"] == 0
-    # the default: edge-preserving smoothing of the data-consistency correction, guided by the
+    # the default: edge-preserving smoothing of the data-consistent maps, guided by the
     # inputs (here through the CLI): recorded, the rough maps made smoother, tissue medians kept
     from qmriflow.cli import main as cli_main
 

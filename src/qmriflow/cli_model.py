@@ -27,23 +27,20 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
     return vals
 
 
-def _smoothing(text: str) -> tuple[float, ...]:
-    """``R,SS,SR,SV`` of ``--smoothing`` (an argparse type: bad values are usage errors)."""
+def _smoothing(text: str) -> Smoothing:
+    """``R,SS,SR,SV`` of ``--smoothing`` (an argparse type: bad values are usage errors; the
+    guide is set from ``--smoothing-guide`` by :func:`_smoothing_of`)."""
     try:
-        vals = _floats(text, 4, "--smoothing")
-    except ConfigError as exc:
+        radius, sigma_space, sigma_range, sigma_value = _floats(text, 4, "--smoothing")
+        if radius != int(radius):
+            raise ValueError(f"smoothing radius must be a whole number >= 0, got {radius}")
+        return Smoothing(int(radius), sigma_space, sigma_range, sigma_value)  # validates
+    except (ConfigError, ValueError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    if vals[0] < 0 or vals[0] != int(vals[0]) or min(vals[1:]) <= 0:
-        raise argparse.ArgumentTypeError(
-            f"radius must be a whole number >= 0 and the three SDs > 0, got {text!r}")
-    return vals
 
 
 def _smoothing_of(a: argparse.Namespace) -> Smoothing:
-    if a.smoothing is None:
-        return Smoothing(**{**dataclasses.asdict(DEFAULT_SMOOTHING), "guide": a.smoothing_guide})
-    r, ss, sr, sv = a.smoothing
-    return Smoothing(int(r), ss, sr, sv, a.smoothing_guide)
+    return dataclasses.replace(a.smoothing or DEFAULT_SMOOTHING, guide=a.smoothing_guide)
 
 
 def _contrasts(text: str) -> tuple[str, ...]:

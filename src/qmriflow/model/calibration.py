@@ -67,7 +67,6 @@ METHODS = ("seed", "calibrated")
 DEFAULT_METHOD = "calibrated"
 """The default (measured best: bench/bench_model_accuracy.py, bench/RESULTS.md)."""
 
-
 CSF_REFERENCE = {"pd": 1.0, "t1_s": 4.3, "t2_s": 2.0}
 """CSF ≈ water at 37 °C, 3 T (PD = 1 by definition; T1, T2 from the literature)."""
 GM_REFERENCE = {"pd": 0.80, "t1_s": 1.35, "t2_s": 0.090}

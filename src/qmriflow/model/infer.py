@@ -289,11 +289,15 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
                                   np.moveaxis(sd.images[:, idx], 1, -1),
                                   [calib.scales[c] for c in inputs])
     # edge-preserving smoothing of the result, steered by the inputs' (or the network's) edges
-    guide = (np.log(np.maximum(np.moveaxis(sd.images[:, idx], 1, -1).astype(np.float64), 1e-3))
-             if smoothing.guide == "images" else _to_log_maps(moved))
-    moved = smooth_maps(refined, brain, guide, radius=smoothing.radius,
-                        sigma_space=smoothing.sigma_space, sigma_range=smoothing.sigma_range,
-                        sigma_value=smoothing.sigma_value)
+    if smoothing.radius > 0:
+        guide = (np.log(np.maximum(np.moveaxis(sd.images[:, idx], 1, -1).astype(np.float64),
+                                   1e-3))
+                 if smoothing.guide == "images" else _to_log_maps(moved))  # pinned network maps
+        refined = smooth_maps(refined, brain, guide, radius=smoothing.radius,
+                              sigma_space=smoothing.sigma_space,
+                              sigma_range=smoothing.sigma_range,
+                              sigma_value=smoothing.sigma_value)
+    moved = refined
     refine["smoothing"] = {"radius": smoothing.radius,
                            "sigma_space_voxels": smoothing.sigma_space,
                            "sigma_range_log": smoothing.sigma_range,
