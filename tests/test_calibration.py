@@ -88,6 +88,143 @@ def _family_member(maps: np.ndarray, shift: np.ndarray) -> np.ndarray:
     return moved
 
 
+def test_csf_t1w_partial_volume_is_not_taken_as_exact():
+    # the purest CSF voxels still read bright in the T1w (tissue is ~3x brighter there): +15 %
+    # on the CSF T1w median moves the T1w scale half as far with the default extra SD as when
+    # that median is trusted like the others
+    truth = {"WM": dict(physics.WM_REFERENCE), "GM": dict(cal.GM_REFERENCE),
+             "CSF": dict(cal.CSF_REFERENCE)}
+    med = _medians(truth)
+    med["CSF"]["T1w"] *= 1.15
+    assert cal.Priors().extra_rel_noise == {"CSF": {"T1w": 0.15}}
+    soft = cal.calibrate_scales(PROTOS, med)
+    exact = cal.calibrate_scales(PROTOS, med, cal.Priors(extra_rel_noise={}))
+    err = {k: abs(r.scales["T1w"] / GAIN["T1w"] - 1) for k, r in (("soft", soft),
+                                                                   ("exact", exact))}
+    assert err["exact"] > 0.02
+    assert err["soft"] < 0.5 * err["exact"]
+    wm = {k: abs(r.tissues["WM"]["t1_s"] / truth["WM"]["t1_s"] - 1)
+          for k, r in (("soft", soft), ("exact", exact))}
+    assert wm["soft"] < 0.5 * wm["exact"]
+    # an extra SD of 0 is the plain noise model: same result as no entry at all
+    zero = cal.calibrate_scales(PROTOS, med, cal.Priors(extra_rel_noise={"CSF": {"T1w": 0.0}}))
+    assert zero.scales == pytest.approx(exact.scales, rel=1e-9)
+
+
+def _two_tissue_maps(n: int = 400, seed: int = 5, gm_like_wm: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(2n, 3) maps: n WM and n GM voxels with ±5 % variation, and tissue masks (GM 10 %
+    above WM with ``gm_like_wm``, so that both have nearly the same open directions)."""
+    rng = np.random.default_rng(seed)
+    wm = np.array([physics.WM_REFERENCE[p] for p in cal.PARAMS])
+    gm = wm * 1.1 if gm_like_wm else np.array([cal.GM_REFERENCE[p] for p in cal.PARAMS])
+    maps = np.concatenate([wm * np.exp(rng.normal(0, 0.05, (n, 3))),
+                           gm * np.exp(rng.normal(0, 0.05, (n, 3)))])
+    masks = {"WM": np.arange(2 * n) < n, "GM": np.arange(2 * n) >= n}
+    return maps, np.ones(2 * n, bool), masks
+
+
+@pytest.mark.parametrize("kept", [("T1w", "FLAIR"), ("T2w", "FLAIR"), ("T1w", "T2w"), ("T2w",)])
+def test_anchor_sets_the_open_directions_from_the_tissue_values(kept):
+    truth, mask, masks = _two_tissue_maps()
+    protos = [PROTOS[c] for c in kept]
+    x = np.log(truth)
+    _, jac = cal._log_jacobian(protos, x)
+    proj = np.eye(3)[None] - np.linalg.pinv(jac) @ jac
+    # the network's guess: every voxel moved along its own open directions
+    guess = np.exp(x + proj @ np.array([0.12, -0.15, 0.2]))
+    targets = {t: {p: float(np.exp(x[m, k].mean())) for k, p in enumerate(cal.PARAMS)}
+               for t, m in masks.items()}
+    out, info = cal.anchor_free_directions(guess, mask, protos, masks, targets)
+    assert info["applied"] and info["tissues"] == ["WM", "GM"]
+    # the levels come back to the tissue values (second-order residue only) ...
+    for m in masks.values():
+        np.testing.assert_allclose(np.log(out[m]).mean(0), x[m].mean(0), atol=0.01)
+    # ... along the open directions only: the inputs' signals are those of the guess
+    for p in protos:
+        np.testing.assert_allclose(np.asarray(physics.signal(p, *out.T)),
+                                   np.asarray(physics.signal(p, *guess.T)), rtol=0.02)
+    # the spatial pattern stays (one move for the whole session, not per voxel)
+    assert np.corrcoef(np.log(out[:, 1]), x[:, 1])[0, 1] > 0.99
+
+
+def test_anchor_per_tissue_corrects_the_network_s_tissue_contrast():
+    # the guess is off along the open direction by different amounts in WM and GM, whose open
+    # directions are nearly the same: one β for the session cannot undo both, a β per tissue
+    # (blended by soft weights) can
+    truth, mask, masks = _two_tissue_maps(gm_like_wm=True)
+    protos = [PROTOS["T1w"], PROTOS["FLAIR"]]
+    x = np.log(truth)
+    _, jac = cal._log_jacobian(protos, x)
+    proj = np.eye(3)[None] - np.linalg.pinv(jac) @ jac
+    off = np.where(masks["WM"][:, None], [0.15, 0.1, -0.2], [-0.1, 0.05, 0.25])
+    guess = np.exp(x + (proj @ off[..., None])[..., 0])
+    targets = {t: {p: float(np.exp(x[m, k].mean())) for k, p in enumerate(cal.PARAMS)}
+               for t, m in masks.items()}
+    weights = {t: m.astype(float) for t, m in masks.items()}
+    one, _ = cal.anchor_free_directions(guess, mask, protos, masks, targets)
+    per, info = cal.anchor_free_directions(guess, mask, protos, masks, targets, weights)
+    assert info["per_tissue"] == ["GM", "WM"] and set(info["beta_log"]) == {"session", "WM", "GM"}
+
+    def worst(maps: np.ndarray) -> float:
+        return max(float(np.abs(np.log(maps[m]).mean(0) - x[m].mean(0)).max())
+                   for m in masks.values())
+
+    assert worst(guess) > 0.1
+    assert worst(per) < 0.015  # second-order residue of the curved family
+    assert worst(one) > 4 * worst(per)
+    for p in protos:  # still along the open directions only
+        np.testing.assert_allclose(np.asarray(physics.signal(p, *per.T)),
+                                   np.asarray(physics.signal(p, *guess.T)), rtol=0.03)
+    # soft weights: between the tissues the move blends
+    w = cal.tissue_weights(np.array([[[2, 2, 2, 1, 1, 1]]]), sigma=1.0)
+    assert w["WM"][0, 0, 0] > 0.99 and w["GM"][0, 0, -1] > 0.99
+    np.testing.assert_allclose(w["WM"] + w["GM"], 1.0)
+    assert 0.3 < w["WM"][0, 0, 2] < 0.7
+
+
+def test_shift_to_tissues_by_hand():
+    # WM voxels 0-2 (medians PD 0.6, T1 1.0 s, T2 0.08 s), GM voxel 3; voxel 4 unweighted,
+    # voxel 5 outside the mask
+    maps = np.array([[0.5, 0.9, 0.07], [0.6, 1.0, 0.08], [0.7, 1.2, 0.09],
+                     [0.8, 1.3, 0.1], [0.9, 2.0, 0.2], [0.4, 0.5, 0.05]])
+    mask = np.array([1, 1, 1, 1, 1, 0], bool)
+    voxels = {"WM": np.array([1, 1, 1, 0, 0, 0], bool), "GM": np.array([0, 0, 0, 1, 0, 0], bool)}
+    weights = {"WM": np.array([1.0, 0.5, 1.0, 0.0, 0.0, 1.0]),
+               "GM": np.array([0.0, 0.5, 0.0, 1.0, 0.0, 0.0])}
+    targets = {"WM": {"pd": 0.66, "t1_s": 0.8, "t2_s": 0.08},
+               "GM": {"pd": 0.8, "t1_s": 1.43, "t2_s": 0.09}}
+    out, info = cal.shift_to_tissues(maps, mask, voxels, targets, weights)
+    d_wm = np.log([0.66 / 0.6, 0.8 / 1.0, 0.08 / 0.08])
+    d_gm = np.log([0.8 / 0.8, 1.43 / 1.3, 0.09 / 0.1])
+    np.testing.assert_allclose(out[0], maps[0] * np.exp(d_wm), rtol=1e-12)
+    np.testing.assert_allclose(out[1], maps[1] * np.exp(0.5 * d_wm + 0.5 * d_gm), rtol=1e-12)
+    np.testing.assert_allclose(out[3], [0.8, 1.43, 0.09], rtol=1e-12)
+    np.testing.assert_array_equal(out[4], maps[4])  # no weight: unchanged
+    np.testing.assert_array_equal(out[5], maps[5])  # outside the mask: unchanged
+    assert info["log_shift"]["WM"]["t1_s"] == pytest.approx(math.log(0.8))
+    # bounded to the maps' limits
+    big, _ = cal.shift_to_tissues(maps, mask, voxels, {**targets, "GM": {
+        "pd": 2.0, "t1_s": 1.3, "t2_s": 0.1}}, weights)
+    assert big[3, 0] == pytest.approx(cal.LIMITS["pd"][1])
+
+
+def test_anchor_leaves_three_contrasts_and_masked_voxels_alone():
+    truth, mask, masks = _two_tissue_maps(50)
+    targets = {"WM": {"pd": 0.6, "t1_s": 1.0, "t2_s": 0.06}}
+    out, info = cal.anchor_free_directions(truth, mask, list(PROTOS.values()), masks, targets)
+    assert not info["applied"]
+    np.testing.assert_array_equal(out, truth)
+    part = np.zeros_like(mask)
+    part[:25] = True
+    out, info = cal.anchor_free_directions(truth, part, [PROTOS["T1w"], PROTOS["FLAIR"]],
+                                           masks, targets)
+    assert info["applied"] and info["tissues"] == ["WM"]
+    np.testing.assert_array_equal(out[25:], truth[25:])
+    assert np.abs(np.log(out[:25, 1]).mean() - math.log(1.0)) < \
+        np.abs(np.log(truth[:25, 1]).mean() - math.log(1.0))
+
+
 def test_pin_maps_moves_along_the_family_and_back():
     rng = np.random.default_rng(3)
     n = 2000

@@ -406,6 +406,17 @@ def test_withheld_contrast_is_used_for_nothing_but_its_resynthesis(trained, tiny
     for k in ("PDmap", "T1map", "T2map", "sd_T1map"):
         np.testing.assert_array_equal(nib.load(str(pa[k])).get_fdata(),
                                       nib.load(str(pb[k])).get_fdata())
+    # the level along the direction T1w and FLAIR leave open comes from the calibration's
+    # WM/GM values (recorded), not from the network's guess; with all three there is none
+    anchor = json.loads(pb["T1map"].with_name(pb["T1map"].name[:-7] + ".json").read_text()
+                        )["Scaling"]["pinning"]["anchor"]
+    assert anchor["applied"] and anchor["tissues"] == ["WM", "GM"] and anchor["contrasts"] == 2
+    assert anchor["per_tissue"] == ["GM", "WM"]
+    assert set(anchor["beta_log"]) == {"session", "WM", "GM"}
+    infer_session(sdir, out / "model.pt", tmp_path / "all", device="cpu", threads=1, synth=False)
+    pall = map_paths(tmp_path / "all", label)["T1map"]
+    assert json.loads(pall.with_name(pall.name[:-7] + ".json").read_text())["Scaling"][
+        "pinning"]["anchor"] == {"applied": False, "contrasts": 3}
     # the withheld T2w is still re-synthesised, with a fitted scale, and marked as not used
     side = json.loads(pb["synth_T2w"].with_name(pb["synth_T2w"].name[:-7] + ".json").read_text())
     assert side["InputUsedForMaps"] is False and side["InputContrasts"] == list(keep)

@@ -14,7 +14,11 @@ every mode-normalised contrast in eroded WM, GM and CSF — 9 numbers; priors:
 
 * CSF is (close to) pure water at 37 °C — physics, not assumption: PD = 1 (definition of PD),
   T1 ≈ 4.3 s and T2 ≈ 2 s at 3 T (literature); tight priors. Through the T1w and T2w images this
-  fixes two of the three scales;
+  fixes two of the three scales. CSF is dark in the T1w and tissue about three times
+  brighter, so even the purest CSF voxels read too bright there (partial volume: +6 to +23 %
+  on the phantom); that median carries an extra 15 % SD (``Priors.extra_rel_noise``) instead
+  of being trusted like the others, which took the WM T1 bias from +6 % to +1 % on the
+  reference phantom;
 * WM and GM: literature values with wide priors (log-SD 0.15, i.e. ±15 %). FLAIR nulls (or
   nearly nulls) CSF, so its scale has no physical anchor; the WM/GM priors pick the member of
   the remaining one-dimensional family closest to literature values *in all six tissue
@@ -27,7 +31,10 @@ posterior SD) so users see where values are soft.
 :func:`pin_maps` then moves the network's maps along the degenerate family, voxel by voxel,
 until they re-synthesise the data with the calibrated scales (Newton's method on the 3×3
 system of :func:`qmriflow.physics.signal`): the network supplies the spatial regularisation
-and the per-voxel solution, the calibration the absolute level.
+and the per-voxel solution, the calibration the absolute level. With a contrast withheld,
+each voxel keeps a direction the inputs do not determine; :func:`anchor_free_directions`
+sets the maps' level along it per tissue from the same calibration, instead of leaving it to
+the network's guess.
 """
 
 from __future__ import annotations
@@ -52,12 +59,16 @@ __all__ = [
     "Calibration",
     "Priors",
     "Smoothing",
+    "anchor_free_directions",
     "calibrate_scales",
     "pin_maps",
     "refine_maps",
     "scale_sensitivity",
+    "shift_to_tissues",
     "smooth_maps",
+    "tissue_masks",
     "tissue_medians",
+    "tissue_weights",
 ]
 
 METHODS = ("seed", "calibrated")
@@ -95,6 +106,13 @@ class Priors:
     """Relative error of a tissue median (partial volume, residual bias field, segmentation)."""
     abs_noise: float = 0.01
     """Absolute error floor of a tissue median (units of the mode-normalised image)."""
+    extra_rel_noise: Mapping[str, Mapping[str, float]] = field(
+        default_factory=lambda: {"CSF": {"T1w": 0.15}})
+    """Further relative error of particular medians: tissue → contrast → SD. CSF is dark in
+    the T1w and tissue about three times brighter, so a little partial volume raises the CSF
+    T1w median a lot: +6 to +23 % (mean +15 %) on the phantom even in the purest CSF voxels.
+    Treated as exact it overestimates the T1w scale (and so WM T1, by about 6 %); an SD of
+    that size lets the T2w, FLAIR and tissue priors share the T1w scale."""
 
 
 SMOOTHING_GUIDES = ("images", "network")
@@ -161,21 +179,19 @@ def _erode(mask: np.ndarray, iterations: int) -> np.ndarray:
     return ndimage.binary_erosion(mask, st, iterations=iterations)
 
 
-def tissue_medians(images: np.ndarray, dseg: np.ndarray, brain: np.ndarray | None = None,
-                   contrasts: Sequence[str] = ("T1w", "T2w", "FLAIR"),
-                   min_voxels: int = 50, csf_purity: float = 75.0,
-                   ) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
-    """Median of each mode-normalised contrast in eroded WM, GM and CSF.
+def tissue_masks(images: np.ndarray, dseg: np.ndarray, brain: np.ndarray | None = None,
+                 contrasts: Sequence[str] = ("T1w", "T2w", "FLAIR"),
+                 min_voxels: int = 50, csf_purity: float = 75.0) -> dict[str, np.ndarray]:
+    """The voxels whose medians calibrate the scales: eroded WM, GM and purest CSF.
 
     ``images`` (S, C, H, W) in the order of ``contrasts``; ``dseg`` (S, H, W) with 1 GM, 2 WM,
-    3 CSF. WM and CSF are eroded by two voxels in-plane (one, or none, when too few voxels
-    remain), GM is not (it is thin); a tissue with fewer than ``min_voxels`` voxels is left
-    out. Partial volume with tissue lowers the T2w signal of CSF voxels and raises their T1w
-    signal, so CSF is further restricted to its purest voxels: those at or above the
-    ``csf_purity`` percentile of the T2w (when the T2w is among the contrasts).
+    3 CSF. WM and CSF are eroded by two voxels in-plane (one, or none, when fewer than
+    ``min_voxels`` voxels remain), GM is not (it is thin). Partial volume with tissue lowers
+    the T2w signal of CSF voxels and raises their T1w signal, so CSF is further restricted to
+    its purest voxels: those at or above the ``csf_purity`` percentile of the T2w (when the
+    T2w is among the contrasts). Every tissue is returned, also one with too few voxels.
     """
-    out: dict[str, dict[str, float]] = {}
-    counts: dict[str, int] = {}
+    out: dict[str, np.ndarray] = {}
     inside = np.ones(dseg.shape, bool) if brain is None else brain.astype(bool)
     for t in TISSUES:
         m = (dseg == DSEG_LABEL[t]) & inside
@@ -190,6 +206,19 @@ def tissue_medians(images: np.ndarray, dseg: np.ndarray, brain: np.ndarray | Non
             pure = m & (t2 >= np.percentile(t2[m], csf_purity))
             if pure.sum() >= min_voxels:
                 m = pure
+        out[t] = m
+    return out
+
+
+def tissue_medians(images: np.ndarray, dseg: np.ndarray, brain: np.ndarray | None = None,
+                   contrasts: Sequence[str] = ("T1w", "T2w", "FLAIR"),
+                   min_voxels: int = 50, csf_purity: float = 75.0,
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """Median of each mode-normalised contrast in the voxels of :func:`tissue_masks`; a tissue
+    with fewer than ``min_voxels`` voxels is left out (its count is still returned)."""
+    out: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+    for t, m in tissue_masks(images, dseg, brain, contrasts, min_voxels, csf_purity).items():
         counts[t] = int(m.sum())
         if counts[t] < min_voxels:
             continue
@@ -233,7 +262,8 @@ def calibrate_scales(protocols: Mapping[str, physics.Protocol],
                 continue
             v = medians[t].get(c, math.nan)
             if math.isfinite(v) and v > 0:
-                obs.append((ti, ci, v, pri.rel_noise * v + pri.abs_noise))
+                extra = pri.extra_rel_noise.get(t, {}).get(c, 0.0)
+                obs.append((ti, ci, v, (pri.rel_noise + extra) * v + pri.abs_noise))
     # start: tissues at their prior centres, scales by least squares on those
     s0 = np.zeros(nc)
     for ci in range(nc):
@@ -285,6 +315,8 @@ def calibrate_scales(protocols: Mapping[str, physics.Protocol],
 # ---------------------------------------------------------------------------------------------
 
 _FLOOR = 1e-9
+RCOND_ANCHOR = 0.01
+"""Relative cut-off of the singular values in :func:`anchor_free_directions`' least squares."""
 
 
 def _log_signals(protocols: Sequence[physics.Protocol], x: np.ndarray) -> np.ndarray:
@@ -370,6 +402,132 @@ def scale_sensitivity(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[ph
     var = np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None)
     out[sel] = (m * np.sqrt(var)).astype(np.float32)
     return out
+
+
+def tissue_weights(dseg: np.ndarray, sigma: float = 1.0,
+                   tissues: Sequence[str] = ("WM", "GM")) -> dict[str, np.ndarray]:
+    """Soft in-plane tissue weights (S, H, W) in [0, 1] from a ``dseg`` (1 GM, 2 WM, 3 CSF):
+    each tissue's indicator smoothed by a Gaussian of SD ``sigma`` voxels within slices, so a
+    per-tissue quantity blends across tissue edges instead of jumping there."""
+    return {t: ndimage.gaussian_filter((dseg == DSEG_LABEL[t]).astype(np.float64),
+                                       (0, sigma, sigma), mode="nearest") for t in tissues}
+
+
+def shift_to_tissues(maps: np.ndarray, mask: np.ndarray,
+                     tissue_voxels: Mapping[str, np.ndarray],
+                     targets: Mapping[str, Mapping[str, float]],
+                     weights: Mapping[str, np.ndarray],
+                     ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Shift the log-maps per tissue so that each tissue's median matches the calibration.
+
+    For every tissue t in both ``targets`` and ``weights`` with voxels in ``tissue_voxels``:
+    d_t = log(target_t) − median over the tissue's voxels of log(maps) (3 numbers), and each
+    voxel v of ``mask`` moves by Σ_t w_t(v)·d_t (soft weights, e.g. :func:`tissue_weights`;
+    a voxel without weight stays). Bounded to :data:`LIMITS`. This is the prior handed to
+    :func:`refine_maps` when a contrast is withheld: the data then take back every direction
+    they determine, and along the one they do not the maps sit at the calibration's level
+    instead of the network's guess. A shift of the prior, not a projection, so it cannot
+    amplify: it is robust to a network whose guess is far off (measured: a training that
+    plateaued guessed WM T2 three times too long; the projection alone made it worse).
+    ``maps`` (..., 3) PD/T1 (s)/T2 (s).
+    """
+    out = np.array(maps, dtype=np.float64, copy=True)
+    sel = mask.astype(bool) & np.all(out > 0, axis=-1)
+    info: dict[str, Any] = {"log_shift": {}}
+    if not sel.any():
+        return out.astype(maps.dtype), info
+    x = _to_log(out[sel])
+    move = np.zeros_like(x)
+    for t, w in weights.items():
+        tm = np.asarray(tissue_voxels.get(t, np.zeros(0)), bool)
+        if t not in targets or tm.shape != sel.shape or not (tm & sel).any():
+            continue
+        d = np.log([targets[t][p] for p in PARAMS]) - np.median(x[tm[sel]], axis=0)
+        move += np.clip(np.asarray(w, np.float64)[sel], 0.0, 1.0)[:, None] * d[None]
+        info["log_shift"][t] = {p: float(d[j]) for j, p in enumerate(PARAMS)}
+    lo = np.log([LIMITS[p][0] for p in PARAMS])
+    hi = np.log([LIMITS[p][1] for p in PARAMS])
+    out[sel] = np.exp(np.clip(x + move, lo, hi))
+    return out.astype(maps.dtype), info
+
+
+def anchor_free_directions(maps: np.ndarray, mask: np.ndarray,
+                           protocols: Sequence[physics.Protocol],
+                           tissue_voxels: Mapping[str, np.ndarray],
+                           targets: Mapping[str, Mapping[str, float]],
+                           weights: Mapping[str, np.ndarray] | None = None,
+                           priors: Priors | None = None,
+                           tissues: Sequence[str] = ("WM", "GM"), iterations: int = 3,
+                           ) -> tuple[np.ndarray, dict[str, Any]]:
+    """With fewer than three contrasts, set the level of the maps along the directions the
+    contrasts do not determine from the tissue-level calibration, not from the network.
+
+    One or two contrasts leave each voxel a one- (two-) dimensional family of (PD, T1, T2)
+    with the same signals: the null space of its log-Jacobian J (C × 3), projector
+    P = I − J⁺J. Where the network was given fewer contrasts its position in that family is
+    its guess, and how it guesses differs between trainings. This moves every voxel v of
+    ``mask`` by P(v)·β: β is chosen by least squares so that the mean log-maps in
+    ``tissue_voxels`` (the calibration's eroded WM and GM) match the calibration's tissue
+    values ``targets`` (weighted by the priors' log-SDs). Without ``weights`` one β serves the
+    whole session. With ``weights`` (tissue → soft weight of the shape of ``mask``, e.g.
+    :func:`tissue_weights`) each tissue gets its own β_t, fitted to that tissue alone, and
+    β(v) = Σ_t w_t(v)·β_t + (1 − Σ_t w_t(v))·β: the network's WM/GM contrast along the open
+    directions is its guess too, and one β cannot correct it. The network keeps the spatial
+    pattern; the calibration — the same MAP fit that sets the scales — sets the levels. The
+    move is along the null space, so the signals change only to second order
+    (:func:`refine_maps` restores them); ``iterations`` Gauss–Newton steps follow the null
+    spaces as the maps move. Directions the tissues hardly see (singular values below
+    :data:`RCOND_ANCHOR` of the largest) are left alone. With three contrasts (or no
+    tissue) the maps are returned unchanged. ``maps`` (..., 3) PD/T1 (s)/T2 (s).
+    """
+    pri = priors or Priors()
+    out = np.array(maps, dtype=np.float64, copy=True)
+    sel = mask.astype(bool) & np.all(out > 0, axis=-1)
+    info: dict[str, Any] = {"applied": False, "contrasts": len(protocols)}
+    if len(protocols) >= 3 or not sel.any():
+        return out.astype(maps.dtype), info
+    used = [t for t in tissues if t in targets and t in tissue_voxels
+            and np.asarray(tissue_voxels[t], bool)[sel].any()]
+    if not used:
+        return out.astype(maps.dtype), info
+    x = _to_log(out[sel])
+    x_start = x.copy()
+    lo = np.log([LIMITS[p][0] for p in PARAMS])
+    hi = np.log([LIMITS[p][1] for p in PARAMS])
+    w = ({t: np.clip(np.asarray(weights[t], np.float64)[sel], 0.0, 1.0) for t in used
+          if t in weights} if weights is not None else {})
+    rest = np.clip(1.0 - sum(w.values(), np.zeros(x.shape[0])), 0.0, 1.0)
+    totals = {key: np.zeros(3) for key in ("session", *w)}
+    for _ in range(iterations):  # Gauss–Newton: the null spaces move with the maps
+        _, jac = _log_jacobian(protocols, x)
+        proj = np.eye(3)[None] - np.linalg.pinv(jac) @ jac  # (N, 3, 3)
+
+        def solve(ts: Sequence[str], x: np.ndarray = x, proj: np.ndarray = proj
+                  ) -> np.ndarray:
+            rows, rhs = [], []
+            for t in ts:
+                tm = np.asarray(tissue_voxels[t], bool)[sel]
+                mx, mp = x[tm].mean(axis=0), proj[tm].mean(axis=0)  # (3,), (3, 3)
+                for j, p in enumerate(PARAMS):
+                    s = pri.log_sd[t][p]
+                    rows.append(mp[j] / s)
+                    rhs.append((math.log(targets[t][p]) - mx[j]) / s)
+            return np.linalg.lstsq(np.asarray(rows), np.asarray(rhs), rcond=RCOND_ANCHOR)[0]
+
+        beta = solve(used)
+        totals["session"] += beta
+        b = rest[:, None] * beta[None]
+        for t, wt in w.items():
+            bt = solve([t])
+            totals[t] += bt
+            b += wt[:, None] * bt[None]
+        x = np.clip(x + (proj @ b[..., None])[..., 0], lo, hi)
+    step = x - x_start
+    out[sel] = np.exp(x)
+    info.update(applied=True, tissues=used, per_tissue=sorted(w),
+                beta_log={k: [float(v) for v in b_] for k, b_ in totals.items()},
+                median_log_move={p: float(np.median(step[:, j])) for j, p in enumerate(PARAMS)})
+    return out.astype(maps.dtype), info
 
 
 def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Protocol],

@@ -38,7 +38,13 @@ import numpy as np
 from .. import physics
 from ..errors import InputError
 from ..io import write_json
-from .calibration import Calibration, calibrate_scales, tissue_medians
+from .calibration import (
+    Calibration,
+    calibrate_scales,
+    tissue_masks,
+    tissue_medians,
+    tissue_weights,
+)
 from .losses import protocol_row
 from .normalise import CONTRASTS, head_mask, mode_normalise
 
@@ -54,6 +60,7 @@ __all__ = [
     "parse_session_dir",
     "session_calibration",
     "session_files",
+    "session_tissue_voxels",
     "split_subjects",
 ]
 
@@ -247,17 +254,35 @@ def load_session(session_dir: str | Path, subject: str | None = None,
     )
 
 
+def _session_seg(sd: SessionData) -> np.ndarray:
+    """The session's ``_dseg`` (S, H, W) int16, checked against the images' grid."""
+    dseg, _ = _load_volume(sd.files.dseg, "tissue segmentation (dseg)", sd.label)
+    if dseg.shape != sd.shape:
+        raise InputError(f"tissue segmentation shape {dseg.shape} differs from the images "
+                         f"{sd.shape}", session=sd.label, path=sd.files.dseg)
+    return np.moveaxis(np.rint(dseg).astype(np.int16), 2, 0)
+
+
+def session_tissue_voxels(sd: SessionData, contrasts: Sequence[str] | None = None
+                          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The calibration's tissue voxels (S, H, W) of a loaded session and soft WM/GM/CSF weights
+    (needs its ``_dseg``: 1 GM, 2 WM, 3 CSF, on the images' grid); see
+    :func:`qmriflow.model.calibration.tissue_masks` and
+    :func:`~qmriflow.model.calibration.tissue_weights`."""
+    use = tuple(contrasts) if contrasts is not None else sd.contrasts
+    idx = [sd.contrasts.index(c) for c in use]
+    seg = _session_seg(sd)
+    return (tissue_masks(sd.images[:, idx], seg, sd.brain, use),
+            tissue_weights(seg, tissues=("WM", "GM", "CSF")))
+
+
 def session_calibration(sd: SessionData, contrasts: Sequence[str] | None = None) -> Calibration:
     """Calibrated per-contrast scales of a loaded session (needs its ``_dseg``: 1 GM, 2 WM,
     3 CSF, on the images' grid); see :func:`qmriflow.model.calibration.calibrate_scales`.
     ``contrasts``: calibrate from these only (default: every contrast loaded)."""
     use = tuple(contrasts) if contrasts is not None else sd.contrasts
     idx = [sd.contrasts.index(c) for c in use]
-    dseg, _ = _load_volume(sd.files.dseg, "tissue segmentation (dseg)", sd.label)
-    if dseg.shape != sd.shape:
-        raise InputError(f"tissue segmentation shape {dseg.shape} differs from the images "
-                         f"{sd.shape}", session=sd.label, path=sd.files.dseg)
-    seg = np.moveaxis(np.rint(dseg).astype(np.int16), 2, 0)
+    seg = _session_seg(sd)
     medians, counts = tissue_medians(sd.images[:, idx], seg, sd.brain, use)
     if "CSF" not in medians:
         raise InputError(f"too few CSF voxels ({counts.get('CSF', 0)}) in the segmentation "

@@ -12,8 +12,11 @@ With ``scaling: calibrated`` (:mod:`qmriflow.model.calibration`) the session's p
 scales are calibrated from its own tissue medians (needs the session's ``_dseg``), the network's
 maps are moved along the degenerate family until they re-synthesise the images with those
 scales, then made consistent voxel by voxel with the input images under those scales (the
-network's maps as a prior, :func:`~qmriflow.model.calibration.refine_maps`), and per-voxel
-standard deviations from the scales' posterior uncertainty are written::
+network's maps as a prior, :func:`~qmriflow.model.calibration.refine_maps`). With a contrast
+withheld, the level along the direction the inputs leave open is then set per tissue from
+the calibration (:func:`~qmriflow.model.calibration.anchor_free_directions`) and the maps are
+made consistent again. Per-voxel standard deviations from the scales' posterior uncertainty
+are written::
 
     sub-X_ses-Y_space-T2w_desc-uncertainty_{T1map,T2map,PDmap}.nii.gz   (units of the map)
 
@@ -41,13 +44,15 @@ from .calibration import (
     DEFAULT_SMOOTHING,
     METHODS,
     Smoothing,
+    anchor_free_directions,
     pin_maps,
     refine_maps,
     scale_sensitivity,
+    shift_to_tissues,
     smooth_maps,
 )
 from .checkpoint import load_model
-from .data import load_session, session_calibration, session_files
+from .data import load_session, session_calibration, session_files, session_tissue_voxels
 from .normalise import CONTRASTS
 from .train import resolve_device, resolve_precision
 
@@ -265,10 +270,11 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
          smoothing: Smoothing = DEFAULT_SMOOTHING
          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Move the network's maps (S, 3, H, W) onto the calibrated scales, then make them
-    consistent with the input images under those scales (the network as prior) and smooth
-    the result edge-preservingly (``smoothing``; radius 0 = off), guided by the input images
-    or the network's maps; returns the maps, their per-voxel SDs (S, 3, H, W) and a
-    summary."""
+    consistent with the input images under those scales (the network as prior); with fewer
+    than three inputs, set their level along the directions the inputs leave open from the
+    calibration's tissue values and make them consistent again; smooth the result
+    edge-preservingly (``smoothing``; radius 0 = off), guided by the input images or the
+    network's maps. Returns the maps, their per-voxel SDs (S, 3, H, W) and a summary."""
     inputs = tuple(inputs)
     protos = [sd.protocols[c] for c in inputs]
     brain = sd.brain & np.all(maps > 0, axis=1)
@@ -285,13 +291,28 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
     moved, info = pin_maps(np.moveaxis(maps, 1, -1), brain, protos,
                            [shifts[c] for c in inputs])
     idx = [sd.contrasts.index(c) for c in inputs]
-    refined, refine = refine_maps(moved, brain, protos,
-                                  np.moveaxis(sd.images[:, idx], 1, -1),
-                                  [calib.scales[c] for c in inputs])
+    images = np.moveaxis(sd.images[:, idx], 1, -1)
+    scales = [calib.scales[c] for c in inputs]
+    anchor: dict[str, Any] = {"applied": False, "contrasts": len(inputs)}
+    if len(inputs) < 3:
+        # a contrast withheld: the inputs leave each voxel a direction they do not determine,
+        # and the network's guess along it is unreliable. (1) the network's maps, shifted per
+        # tissue to the calibration's tissue values, become the prior of the data consistency
+        # (robust to a far-off guess); (2) the result is moved along the open direction so its
+        # tissue means match the calibration (per tissue, blended across edges) and made
+        # consistent with the data again (the move is large enough to matter at second order)
+        voxels, weights = session_tissue_voxels(sd, inputs)
+        prior, shift = shift_to_tissues(moved, brain, voxels, calib.tissues, weights)
+        refined, _ = refine_maps(prior, brain, protos, images, scales)
+        anchored, anchor = anchor_free_directions(refined, brain, protos, voxels,
+                                                  calib.tissues, weights)
+        anchor["prior_shift"] = shift
+        refined, refine = refine_maps(anchored, brain, protos, images, scales)
+    else:
+        refined, refine = refine_maps(moved, brain, protos, images, scales)
     # edge-preserving smoothing of the result, steered by the inputs' (or the network's) edges
     if smoothing.radius > 0:
-        guide = (np.log(np.maximum(np.moveaxis(sd.images[:, idx], 1, -1).astype(np.float64),
-                                   1e-3))
+        guide = (np.log(np.maximum(images.astype(np.float64), 1e-3))
                  if smoothing.guide == "images" else _to_log_maps(moved))  # pinned network maps
         refined = smooth_maps(refined, brain, guide, radius=smoothing.radius,
                               sigma_space=smoothing.sigma_space,
@@ -306,6 +327,6 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
                                      + "+".join(inputs) if smoothing.guide == "images"
                                      else "log of the network's maps")}
     sds = scale_sensitivity(moved, brain, protos, np.asarray(calib.log_cov))
-    info = {**info, "log_shift": shifts, "refine": refine}
+    info = {**info, "log_shift": shifts, "anchor": anchor, "refine": refine}
     return (np.moveaxis(moved, -1, 1).astype(np.float32),
             np.moveaxis(sds, -1, 1).astype(np.float32), info)
