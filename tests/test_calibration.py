@@ -312,6 +312,32 @@ def test_refine_maps_fits_the_data_with_the_calibrated_scales():
     assert np.median(np.abs(two / truth - 1)) > 5 * np.median(np.abs(exact / truth - 1))
 
 
+def test_refine_maps_restarts_voxels_stalled_at_the_limits():
+    # a network value pinned at the limits (PD 1, T1 5 s; as seen at a brain edge): the
+    # descent from there stalls far from the data; restarted from tissue values it fits them
+    protos = list(PROTOS.values())
+    scales = np.array([30.0, 4.0, 12.0])
+    truth = np.array([[0.75, 1.15, 0.087], [0.8, 1.35, 0.09]])
+    images = np.stack([scales[c] * np.asarray(physics.signal(p, *truth.T))
+                       for c, p in enumerate(protos)], axis=1)
+    stuck = np.array([[1.0, 5.0, 0.34], [0.8, 1.3, 0.095]])  # voxel 1 starts near its truth
+    mask = np.ones(2, bool)
+    plain, info = cal.refine_maps(stuck, mask, protos, images, scales)
+    assert info["restarted"] == 0
+    misfit = np.abs(scales * np.stack([np.asarray(physics.signal(p, *plain.T)) for p in protos],
+                                      axis=1) / images - 1)
+    assert misfit[0].max() > 0.2 and misfit[1].max() < 0.01
+    starts = [tuple(physics.WM_REFERENCE[p] for p in cal.PARAMS),
+              tuple(cal.CSF_REFERENCE[p] for p in cal.PARAMS)]
+    fixed, info = cal.refine_maps(stuck, mask, protos, images, scales, starts=starts)
+    assert info["restarted"] == 1 and info["restart_improved"] == 1
+    # (the stalled network value is still the prior: it pulls a little, within 3 %)
+    np.testing.assert_allclose(fixed[0], truth[0], rtol=0.03)
+    refit = scales * np.stack([np.asarray(physics.signal(p, *fixed.T)) for p in protos], axis=1)
+    assert np.abs(refit[0] - images[0]).max() < 0.03  # within one noise SD of the data
+    np.testing.assert_array_equal(fixed[1], plain[1])  # a voxel that fits is not restarted
+
+
 def test_smooth_maps_weights_by_hand():
     """Joint-bilateral smoothing of the log-maps: exact weights on a 1×3 row with a flat guide,
     no leak across an edge of the guide, nothing outside the mask."""

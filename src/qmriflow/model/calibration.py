@@ -530,9 +530,15 @@ def anchor_free_directions(maps: np.ndarray, mask: np.ndarray,
     return out.astype(maps.dtype), info
 
 
+RESTART_CHI = 3.0
+"""A voxel whose data misfit after :func:`refine_maps` exceeds this many noise SDs (RMS over
+the contrasts) is restarted from the ``starts`` given (the calibration's tissue values)."""
+
+
 def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Protocol],
                 images: np.ndarray, scales: Sequence[float], noise: float = 0.03,
-                prior_log_sd: float = 0.3, iterations: int = 20, tol: float = 1e-6
+                prior_log_sd: float = 0.3, iterations: int = 20, tol: float = 1e-6,
+                starts: Sequence[Sequence[float]] = (),
                 ) -> tuple[np.ndarray, dict[str, float]]:
     """Data consistency with the calibrated scales, voxel by voxel, the network as prior.
 
@@ -542,14 +548,17 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
     (..., 3). Where the contrasts determine the parameters the data win (noise 0.03 ≪ 0.3);
     along directions they do not determine (a contrast withheld, CSF at the FLAIR null) the
     network's value stays. A voxel stops iterating once its accepted step is below ``tol``
-    (in log-parameters). Returns the refined maps and a summary.
+    (in log-parameters). The cost is not convex: started at a network value pinned at the
+    limits (PD 1, T1 5 s) the descent can stall far from the data. Voxels whose data misfit
+    stays above :data:`RESTART_CHI` noise SDs are therefore descended again from each of
+    ``starts`` ((PD, T1 s, T2 s), e.g. the calibration's WM, GM and CSF values) with the same
+    cost, and keep the lowest. Returns the refined maps and a summary.
     """
     out = np.array(maps, dtype=np.float64, copy=True)
     sel = mask.astype(bool) & np.all(out > 0, axis=-1)
     if not sel.any():
         return out.astype(maps.dtype), {"voxels": 0}
     x0 = _to_log(out[sel])
-    x = x0.copy()
     r = np.asarray(images, dtype=np.float64)[sel]
     sc = np.asarray(scales, dtype=np.float64)[None, :]
     lo = np.log([LIMITS[p][0] for p in PARAMS])
@@ -564,46 +573,69 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
         f = sc * np.exp(logs)
         return (((r[idx] - f) / noise) ** 2).sum(1) + ((w * (xv - x0[idx])) ** 2).sum(1), logs
 
-    lam = np.full(x.shape[0], 1e-3)
-    c_now, logf_now = cost(x)
-    active = np.ones(x.shape[0], dtype=bool)
-    steps = 0
-    for _ in range(iterations):
-        # only voxels still moving: an accepted step below `tol` (or a hopeless damping)
-        # retires a voxel, which leaves its result unchanged to within `tol`
-        idx = np.flatnonzero(active)
-        if idx.size == 0:
-            break
-        steps += 1
-        xa = x[idx]
-        # the signals at x are known from the last cost evaluation
-        logf, jac = _log_jacobian(protocols, xa, f0=logf_now[idx])
-        f = sc * np.exp(logf)
-        jl = (f[..., None] * jac) / noise  # d residual / d log θ (sign folded below)
-        res = (f - r[idx]) / noise
-        jt = np.swapaxes(jl, 1, 2)
-        a = jt @ jl + (w * w) * eye
-        g = (jt @ res[..., None])[..., 0] + (w * w) * (xa - x0[idx])
-        la = lam[idx]
-        step = -np.linalg.solve(a + la[:, None, None] * eye, g[..., None])[..., 0]
-        cand = np.clip(xa + np.clip(step, -0.5, 0.5), lo, hi)
-        c_new, logf_new = cost(cand, idx)
-        ok = c_new <= c_now[idx]
-        acc = idx[ok]
-        x[acc] = cand[ok]
-        logf_now[acc] = logf_new[ok]
-        c_now[acc] = c_new[ok]
-        la = np.where(ok, la * 0.3, la * 10.0)
-        lam[idx] = la
-        done = (ok & (np.abs(cand - xa).max(axis=1) < tol)) | (la > 1e10)
-        active[idx[done]] = False
+    def descend(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """LM from ``x`` (len(rows), 3) for the voxels ``rows``: (x, cost, steps, moving)."""
+        lam = np.full(x.shape[0], 1e-3)
+        c_now, logf_now = cost(x, rows)
+        active = np.ones(x.shape[0], dtype=bool)
+        steps = 0
+        for _ in range(iterations):
+            # only voxels still moving: an accepted step below `tol` (or a hopeless damping)
+            # retires a voxel, which leaves its result unchanged to within `tol`
+            idx = np.flatnonzero(active)
+            if idx.size == 0:
+                break
+            steps += 1
+            xa = x[idx]
+            # the signals at x are known from the last cost evaluation
+            logf, jac = _log_jacobian(protocols, xa, f0=logf_now[idx])
+            f = sc * np.exp(logf)
+            jl = (f[..., None] * jac) / noise  # d residual / d log θ (sign folded below)
+            res = (f - r[rows[idx]]) / noise
+            jt = np.swapaxes(jl, 1, 2)
+            a = jt @ jl + (w * w) * eye
+            g = (jt @ res[..., None])[..., 0] + (w * w) * (xa - x0[rows[idx]])
+            la = lam[idx]
+            step = -np.linalg.solve(a + la[:, None, None] * eye, g[..., None])[..., 0]
+            cand = np.clip(xa + np.clip(step, -0.5, 0.5), lo, hi)
+            c_new, logf_new = cost(cand, rows[idx])
+            ok = c_new <= c_now[idx]
+            acc = idx[ok]
+            x[acc] = cand[ok]
+            logf_now[acc] = logf_new[ok]
+            c_now[acc] = c_new[ok]
+            la = np.where(ok, la * 0.3, la * 10.0)
+            lam[idx] = la
+            done = (ok & (np.abs(cand - xa).max(axis=1) < tol)) | (la > 1e10)
+            active[idx[done]] = False
+        return x, c_now, steps, int(active.sum())
+
+    everyone = np.arange(x0.shape[0])
+    x, c_best, steps, moving = descend(x0.copy(), everyone)
+    restarted = 0
+    won = np.zeros(x0.shape[0], dtype=bool)
+    if len(starts):
+        misfit = (((r - sc * np.exp(_log_signals(protocols, x))) / noise) ** 2).mean(1)
+        rows = np.flatnonzero(misfit > RESTART_CHI ** 2)
+        restarted = int(rows.size)
+        for st in starts:
+            if rows.size == 0:
+                break
+            xs = np.broadcast_to(np.clip(np.log(np.asarray(st, np.float64)), lo, hi),
+                                 (rows.size, 3)).copy()
+            xs, cs, _, _ = descend(xs, rows)
+            better = cs < c_best[rows]
+            won[rows[better]] = True
+            x[rows[better]] = xs[better]
+            c_best[rows[better]] = cs[better]
     out[sel] = np.exp(x)
     moved = np.abs(x - x0).max(axis=1)
     return out.astype(maps.dtype), {"voxels": int(sel.sum()),
                                     "median_log_change": float(np.median(moved)),
                                     "noise": noise, "prior_log_sd": prior_log_sd,
                                     "iterations": steps,
-                                    "still_moving": int(active.sum())}
+                                    "still_moving": moving,
+                                    "restarted": restarted, "restart_improved": int(won.sum())}
 
 
 def smooth_maps(maps: np.ndarray, mask: np.ndarray, guide: np.ndarray | None = None, *,

@@ -43,6 +43,8 @@ from ..io import save_nifti
 from .calibration import (
     DEFAULT_SMOOTHING,
     METHODS,
+    PARAMS,
+    TISSUES,
     Smoothing,
     anchor_free_directions,
     pin_maps,
@@ -293,6 +295,9 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
     idx = [sd.contrasts.index(c) for c in inputs]
     images = np.moveaxis(sd.images[:, idx], 1, -1)
     scales = [calib.scales[c] for c in inputs]
+    # where the descent from the network's value stalls (values pinned at the limits), the
+    # data consistency restarts from the calibration's tissue values
+    starts = [tuple(calib.tissues[t][p] for p in PARAMS) for t in TISSUES if t in calib.tissues]
     anchor: dict[str, Any] = {"applied": False, "contrasts": len(inputs)}
     if len(inputs) < 3:
         # a contrast withheld: the inputs leave each voxel a direction they do not determine,
@@ -303,13 +308,14 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
         # consistent with the data again (the move is large enough to matter at second order)
         voxels, weights = session_tissue_voxels(sd, inputs)
         prior, shift = shift_to_tissues(moved, brain, voxels, calib.tissues, weights)
-        refined, _ = refine_maps(prior, brain, protos, images, scales)
+        refined, _ = refine_maps(prior, brain, protos, images, scales, starts=starts)
         anchored, anchor = anchor_free_directions(refined, brain, protos, voxels,
                                                   calib.tissues, weights)
         anchor["prior_shift"] = shift
-        refined, refine = refine_maps(anchored, brain, protos, images, scales)
+        refined, refine = refine_maps(anchored, brain, protos, images, scales,
+                                     starts=starts)
     else:
-        refined, refine = refine_maps(moved, brain, protos, images, scales)
+        refined, refine = refine_maps(moved, brain, protos, images, scales, starts=starts)
     # edge-preserving smoothing of the result, steered by the inputs' (or the network's) edges
     if smoothing.radius > 0:
         guide = (np.log(np.maximum(images.astype(np.float64), 1e-3))
