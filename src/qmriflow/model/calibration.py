@@ -90,6 +90,9 @@ UNUSED = {("CSF", "flair"), ("CSF", "irgre")}
 depends steeply (and two-valuedly) on CSF T1 and, in real scans, on inflow and partial volume."""
 LIMITS = {"pd": (1e-3, 1.0), "t1_s": (0.05, 5.0), "t2_s": (0.005, 3.0)}
 """Ranges of the maps (the network's output ranges)."""
+_LOG_LO = np.log([LIMITS[p][0] for p in PARAMS])
+_LOG_HI = np.log([LIMITS[p][1] for p in PARAMS])
+"""The ranges in log-parameters (PD, T1, T2 order), the bounds of every move of the maps."""
 
 
 @dataclass(frozen=True)
@@ -284,10 +287,8 @@ def calibrate_scales(protocols: Mapping[str, physics.Protocol],
         r_prior = ((th - centre) / sd).ravel()
         return np.concatenate([np.asarray(r_data), r_prior])
 
-    lo = np.concatenate([np.full(nc, -np.inf),
-                         np.tile([math.log(LIMITS[p][0]) for p in PARAMS], len(tissues))])
-    hi = np.concatenate([np.full(nc, np.inf),
-                         np.tile([math.log(LIMITS[p][1]) for p in PARAMS], len(tissues))])
+    lo = np.concatenate([np.full(nc, -np.inf), np.tile(_LOG_LO, len(tissues))])
+    hi = np.concatenate([np.full(nc, np.inf), np.tile(_LOG_HI, len(tissues))])
     x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
     res = optimize.least_squares(residuals, x0, bounds=(lo, hi), x_scale=1.0, method="trf",
                                  xtol=1e-10, ftol=1e-10, gtol=1e-10, max_nfev=2000)
@@ -339,9 +340,7 @@ def _log_jacobian(protocols: Sequence[physics.Protocol], x: np.ndarray,
 
 
 def _to_log(maps: np.ndarray) -> np.ndarray:
-    lo = np.log([LIMITS[p][0] for p in PARAMS])
-    hi = np.log([LIMITS[p][1] for p in PARAMS])
-    return np.clip(np.log(np.maximum(maps, 1e-12)), lo, hi)
+    return np.clip(np.log(np.maximum(maps, 1e-12)), _LOG_LO, _LOG_HI)
 
 
 def pin_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Protocol],
@@ -361,8 +360,6 @@ def pin_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Pro
         return out.astype(maps.dtype), {"voxels": 0, "max_residual": 0.0}
     x = _to_log(out[sel])
     target = _log_signals(protocols, x) + np.asarray(log_shift, dtype=np.float64)[None, :]
-    lo = np.log([LIMITS[p][0] for p in PARAMS])
-    hi = np.log([LIMITS[p][1] for p in PARAMS])
     eye = np.eye(3)
     resid = np.zeros(x.shape[0])
     for _ in range(iterations):
@@ -378,7 +375,7 @@ def pin_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Pro
         g = (jt @ r[todo][..., None])[..., 0]
         step = -np.linalg.solve(a, g[..., None])[..., 0]
         step = np.clip(step, -0.5, 0.5)
-        x[todo] = np.clip(x[todo] + step, lo, hi)
+        x[todo] = np.clip(x[todo] + step, _LOG_LO, _LOG_HI)
     out[sel] = np.exp(x)
     return out.astype(maps.dtype), {"voxels": int(sel.sum()),
                                     "max_residual": float(resid.max(initial=0.0))}
@@ -439,16 +436,24 @@ def shift_to_tissues(maps: np.ndarray, mask: np.ndarray,
     x = _to_log(out[sel])
     move = np.zeros_like(x)
     for t, w in weights.items():
-        tm = np.asarray(tissue_voxels.get(t, np.zeros(0)), bool)
-        if t not in targets or tm.shape != sel.shape or not (tm & sel).any():
+        if t not in targets or t not in tissue_voxels:
             continue
-        d = np.log([targets[t][p] for p in PARAMS]) - np.median(x[tm[sel]], axis=0)
+        tm = np.asarray(tissue_voxels[t], bool)[sel]
+        if not tm.any():
+            continue
+        d = np.log([targets[t][p] for p in PARAMS]) - np.median(x[tm], axis=0)
         move += np.clip(np.asarray(w, np.float64)[sel], 0.0, 1.0)[:, None] * d[None]
         info["log_shift"][t] = {p: float(d[j]) for j, p in enumerate(PARAMS)}
-    lo = np.log([LIMITS[p][0] for p in PARAMS])
-    hi = np.log([LIMITS[p][1] for p in PARAMS])
-    out[sel] = np.exp(np.clip(x + move, lo, hi))
+    out[sel] = np.exp(np.clip(x + move, _LOG_LO, _LOG_HI))
     return out.astype(maps.dtype), info
+
+
+def _anchor_lstsq(eqs: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """β (3,) of :func:`anchor_free_directions` from stacked (rows (3, 3), rhs (3,)) pairs;
+    directions the tissues hardly see (singular values below :data:`RCOND_ANCHOR` of the
+    largest) stay put: a large β there would move voxels whose null space differs."""
+    return np.linalg.lstsq(np.concatenate([a for a, _ in eqs]),
+                           np.concatenate([r for _, r in eqs]), rcond=RCOND_ANCHOR)[0]
 
 
 def anchor_free_directions(maps: np.ndarray, mask: np.ndarray,
@@ -486,14 +491,15 @@ def anchor_free_directions(maps: np.ndarray, mask: np.ndarray,
     info: dict[str, Any] = {"applied": False, "contrasts": len(protocols)}
     if len(protocols) >= 3 or not sel.any():
         return out.astype(maps.dtype), info
-    used = [t for t in tissues if t in targets and t in tissue_voxels
-            and np.asarray(tissue_voxels[t], bool)[sel].any()]
+    voxels = {t: np.asarray(tissue_voxels[t], bool)[sel] for t in tissues
+              if t in targets and t in tissue_voxels}
+    used = [t for t, m in voxels.items() if m.any()]
     if not used:
         return out.astype(maps.dtype), info
+    log_target = {t: np.log([targets[t][p] for p in PARAMS]) for t in used}
+    log_sd = {t: np.array([pri.log_sd[t][p] for p in PARAMS]) for t in used}
     x = _to_log(out[sel])
     x_start = x.copy()
-    lo = np.log([LIMITS[p][0] for p in PARAMS])
-    hi = np.log([LIMITS[p][1] for p in PARAMS])
     w = ({t: np.clip(np.asarray(weights[t], np.float64)[sel], 0.0, 1.0) for t in used
           if t in weights} if weights is not None else {})
     rest = np.clip(1.0 - sum(w.values(), np.zeros(x.shape[0])), 0.0, 1.0)
@@ -501,27 +507,18 @@ def anchor_free_directions(maps: np.ndarray, mask: np.ndarray,
     for _ in range(iterations):  # Gauss–Newton: the null spaces move with the maps
         _, jac = _log_jacobian(protocols, x)
         proj = np.eye(3)[None] - np.linalg.pinv(jac) @ jac  # (N, 3, 3)
-
-        def solve(ts: Sequence[str], x: np.ndarray = x, proj: np.ndarray = proj
-                  ) -> np.ndarray:
-            rows, rhs = [], []
-            for t in ts:
-                tm = np.asarray(tissue_voxels[t], bool)[sel]
-                mx, mp = x[tm].mean(axis=0), proj[tm].mean(axis=0)  # (3,), (3, 3)
-                for j, p in enumerate(PARAMS):
-                    s = pri.log_sd[t][p]
-                    rows.append(mp[j] / s)
-                    rhs.append((math.log(targets[t][p]) - mx[j]) / s)
-            return np.linalg.lstsq(np.asarray(rows), np.asarray(rhs), rcond=RCOND_ANCHOR)[0]
-
-        beta = solve(used)
+        # per tissue, weighted by the priors' log-SDs: mean projector (3, 3) · β should
+        # close the gap between the target and the mean log-map (3,)
+        eqs = {t: (proj[voxels[t]].mean(axis=0) / log_sd[t][:, None],
+                   (log_target[t] - x[voxels[t]].mean(axis=0)) / log_sd[t]) for t in used}
+        beta = _anchor_lstsq([eqs[t] for t in used])
         totals["session"] += beta
         b = rest[:, None] * beta[None]
         for t, wt in w.items():
-            bt = solve([t])
+            bt = _anchor_lstsq([eqs[t]])
             totals[t] += bt
             b += wt[:, None] * bt[None]
-        x = np.clip(x + (proj @ b[..., None])[..., 0], lo, hi)
+        x = np.clip(x + (proj @ b[..., None])[..., 0], _LOG_LO, _LOG_HI)
     step = x - x_start
     out[sel] = np.exp(x)
     info.update(applied=True, tissues=used, per_tissue=sorted(w),
@@ -561,8 +558,6 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
     x0 = _to_log(out[sel])
     r = np.asarray(images, dtype=np.float64)[sel]
     sc = np.asarray(scales, dtype=np.float64)[None, :]
-    lo = np.log([LIMITS[p][0] for p in PARAMS])
-    hi = np.log([LIMITS[p][1] for p in PARAMS])
     w = 1.0 / prior_log_sd
     eye = np.eye(3)
 
@@ -573,8 +568,10 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
         f = sc * np.exp(logs)
         return (((r[idx] - f) / noise) ** 2).sum(1) + ((w * (xv - x0[idx])) ** 2).sum(1), logs
 
-    def descend(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """LM from ``x`` (len(rows), 3) for the voxels ``rows``: (x, cost, steps, moving)."""
+    def descend(x: np.ndarray, rows: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """LM from ``x`` (len(rows), 3) for the voxels ``rows``: (x, cost, log-signals at x,
+        steps, voxels still moving)."""
         lam = np.full(x.shape[0], 1e-3)
         c_now, logf_now = cost(x, rows)
         active = np.ones(x.shape[0], dtype=bool)
@@ -597,7 +594,7 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
             g = (jt @ res[..., None])[..., 0] + (w * w) * (xa - x0[rows[idx]])
             la = lam[idx]
             step = -np.linalg.solve(a + la[:, None, None] * eye, g[..., None])[..., 0]
-            cand = np.clip(xa + np.clip(step, -0.5, 0.5), lo, hi)
+            cand = np.clip(xa + np.clip(step, -0.5, 0.5), _LOG_LO, _LOG_HI)
             c_new, logf_new = cost(cand, rows[idx])
             ok = c_new <= c_now[idx]
             acc = idx[ok]
@@ -608,22 +605,22 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
             lam[idx] = la
             done = (ok & (np.abs(cand - xa).max(axis=1) < tol)) | (la > 1e10)
             active[idx[done]] = False
-        return x, c_now, steps, int(active.sum())
+        return x, c_now, logf_now, steps, int(active.sum())
 
     everyone = np.arange(x0.shape[0])
-    x, c_best, steps, moving = descend(x0.copy(), everyone)
+    x, c_best, logf, steps, moving = descend(x0.copy(), everyone)
     restarted = 0
     won = np.zeros(x0.shape[0], dtype=bool)
     if len(starts):
-        misfit = (((r - sc * np.exp(_log_signals(protocols, x))) / noise) ** 2).mean(1)
+        misfit = (((r - sc * np.exp(logf)) / noise) ** 2).mean(1)
         rows = np.flatnonzero(misfit > RESTART_CHI ** 2)
         restarted = int(rows.size)
         for st in starts:
             if rows.size == 0:
                 break
-            xs = np.broadcast_to(np.clip(np.log(np.asarray(st, np.float64)), lo, hi),
-                                 (rows.size, 3)).copy()
-            xs, cs, _, _ = descend(xs, rows)
+            start = np.clip(np.log(np.asarray(st, np.float64)), _LOG_LO, _LOG_HI)
+            xs = np.broadcast_to(start, (rows.size, 3)).copy()
+            xs, cs, _, _, _ = descend(xs, rows)
             better = cs < c_best[rows]
             won[rows[better]] = True
             x[rows[better]] = xs[better]
@@ -689,8 +686,6 @@ def smooth_maps(maps: np.ndarray, mask: np.ndarray, guide: np.ndarray | None = N
                   * np.exp(-expo))
             num += wt[..., None] * v_p[:, ys, xs]
             den += wt
-    lo = np.log([LIMITS[p][0] for p in PARAMS])
-    hi = np.log([LIMITS[p][1] for p in PARAMS])
     # den ≥ the voxel's own weight (1) inside the mask
-    out[sel] = np.exp(np.clip(num[sel] / den[sel][:, None], lo, hi))  # a view into full
+    out[sel] = np.exp(np.clip(num[sel] / den[sel][:, None], _LOG_LO, _LOG_HI))  # a view into full
     return full.astype(maps.dtype)
