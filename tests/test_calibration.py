@@ -402,3 +402,54 @@ def test_smoothing_settings():
                 {"guide": "t1w"}):
         with pytest.raises(ValueError):
             cal.Smoothing(**bad)
+
+
+def test_tissue_starts_and_branch_t2_by_hand():
+    targets = {"WM": {"pd": 0.7, "t1_s": 0.85, "t2_s": 0.07},
+               "GM": {"pd": 0.8, "t1_s": 1.35, "t2_s": 0.09},
+               "CSF": {"pd": 1.0, "t1_s": 4.3, "t2_s": 2.0}}
+    assert cal.csf_branch_t2(targets) == pytest.approx(math.sqrt(0.09 * 2.0), rel=1e-12)
+    assert cal.csf_branch_t2({"WM": targets["WM"]}) is None  # no CSF
+    assert cal.csf_branch_t2({"CSF": targets["CSF"]}) is None  # no tissue
+    dseg = np.array([[0, 1, 2, 3]])
+    st = cal.tissue_starts(dseg, targets)
+    assert st.shape == (1, 4, 3)
+    np.testing.assert_array_equal(st[0, 1], [0.8, 1.35, 0.09])
+    np.testing.assert_array_equal(st[0, 2], [0.7, 0.85, 0.07])
+    assert np.isnan(st[0, 0]).all() and np.isnan(st[0, 3]).all()  # background, CSF: no start
+
+
+def test_refine_maps_moves_tissue_voxels_off_the_csf_like_branch():
+    # the FLAIR is two-valued in T1, so a GM voxel with CSF partial volume can fit the inputs
+    # on a CSF-like branch, where a CSF-like network value (the prior) holds it; the
+    # segmentation then chooses the tissue branch, unless the data prefer the CSF-like one
+    protos = list(PROTOS.values())
+    scales = np.array([30.0, 4.0, 12.0])
+    gm, csf = np.array([0.8, 1.35, 0.09]), np.array([1.0, 4.3, 2.0])
+
+    def sig(theta: np.ndarray) -> np.ndarray:
+        t = np.atleast_2d(theta)
+        return np.stack([scales[c] * np.asarray(physics.signal(p, *t.T))
+                         for c, p in enumerate(protos)], axis=1)
+
+    mixed = 0.3 * sig(gm) + 0.7 * sig(csf)
+    images = np.concatenate([mixed, sig(csf), mixed, sig(gm)])
+    net = np.array([[0.7, 3.0, 1.0], [1.0, 4.4, 1.9], [0.7, 3.0, 1.0], [0.78, 1.4, 0.1]])
+    start = np.array([gm, gm, [np.nan] * 3, gm])  # voxel 2 has no tissue label
+    mask = np.ones(4, bool)
+    t2_branch = math.sqrt(0.09 * 2.0)
+    plain, info = cal.refine_maps(net, mask, protos, images, scales)
+    assert info["branch_checked"] == 0 and info["branch_t2_s"] is None
+    assert plain[0, 2] > t2_branch and plain[1, 2] > t2_branch  # CSF-like T2
+    chosen, info = cal.refine_maps(net, mask, protos, images, scales, tissue_start=start,
+                                   branch_t2=t2_branch)
+    assert info["branch_checked"] == 2 and info["branch_switched"] == 1
+    # voxel 0 moved to the tissue branch, which fits the data better than the CSF-like one
+    assert chosen[0, 2] < 0.25 and chosen[0, 1] < plain[0, 1]
+    chi = (((sig(chosen) - images) / 0.03) ** 2).sum(1)
+    chi_plain = (((sig(plain) - images) / 0.03) ** 2).sum(1)
+    assert chi[0] < chi_plain[0] - 3.0 and chi[0] < 9.0
+    # pure CSF signals in a GM-labelled voxel: the data prefer the CSF-like branch, it stays
+    np.testing.assert_array_equal(chosen[1], plain[1])
+    # no tissue label, or a tissue T2 already: untouched
+    np.testing.assert_array_equal(chosen[2:], plain[2:])

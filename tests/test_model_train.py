@@ -286,8 +286,8 @@ def test_infer_writes_maps_with_affine_units_and_hash(trained, tiny_sessions, tm
 
 def test_calibrated_inference_pins_the_maps_and_writes_uncertainty(trained, tiny_sessions,
                                                                     tmp_path):
-    from qmriflow.model.calibration import Smoothing
-    from qmriflow.model.data import session_calibration
+    from qmriflow.model.calibration import Smoothing, csf_branch_t2
+    from qmriflow.model.data import session_calibration, session_seg
     from qmriflow.model.infer import infer_session, map_paths
 
     out, _ = trained
@@ -314,6 +314,11 @@ def test_calibrated_inference_pins_the_maps_and_writes_uncertainty(trained, tiny
                      )["Scaling"]["pinning"]
     brain = np.moveaxis(sd.brain, 0, 2) & (maps[0] > 0)
     assert pin["max_residual"] >= 0 and pin["refine"]["voxels"] == int(brain.sum())
+    # the branch choice ran with the calibration's threshold, on WM/GM voxels only
+    assert pin["refine"]["branch_t2_s"] == pytest.approx(csf_branch_t2(calib.tissues))
+    seg = np.moveaxis(session_seg(sd), 0, 2)
+    assert 0 <= pin["refine"]["branch_switched"] <= pin["refine"]["branch_checked"] <= int(
+        (brain & ((seg == 1) | (seg == 2))).sum())
     # the maps re-synthesise every input with the calibrated scale: inside the brain, away from
     # the maps' limits, to well below the noise (SNR 40) — the network's own maps do not
     free = brain & (maps[0] < 0.999) & (maps[1] > 0.051) & (maps[1] < 4.99) & (maps[2] < 2.99)

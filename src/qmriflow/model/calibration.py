@@ -410,6 +410,29 @@ def tissue_weights(dseg: np.ndarray, sigma: float = 1.0,
                                        (0, sigma, sigma), mode="nearest") for t in tissues}
 
 
+def tissue_starts(dseg: np.ndarray, targets: Mapping[str, Mapping[str, float]],
+                  tissues: Sequence[str] = ("WM", "GM")) -> np.ndarray:
+    """(..., 3) maps holding each ``tissues`` voxel's tissue values from ``targets`` (PD, T1 s,
+    T2 s; e.g. the calibration's), NaN elsewhere: the starts of :func:`refine_maps`'s branch
+    choice. ``dseg`` 1 GM, 2 WM, 3 CSF."""
+    out = np.full((*np.shape(dseg), 3), np.nan)
+    for t in tissues:
+        if t in targets:
+            out[np.asarray(dseg) == DSEG_LABEL[t]] = [targets[t][p] for p in PARAMS]
+    return out
+
+
+def csf_branch_t2(targets: Mapping[str, Mapping[str, float]]) -> float | None:
+    """The T2 (s) above which a WM/GM-labelled voxel sits on the CSF-like branch: the geometric
+    mean of the longer tissue T2 (WM or GM) and the CSF T2 in ``targets`` (the calibration's;
+    about 0.43 s with the reference values: far above WM/GM and the phantom's lesions, ≤ 0.17
+    s, far below CSF). None without CSF or tissue values."""
+    tissue = [targets[t]["t2_s"] for t in ("WM", "GM") if t in targets]
+    if "CSF" not in targets or not tissue:
+        return None
+    return float(np.sqrt(max(tissue) * targets["CSF"]["t2_s"]))
+
+
 def shift_to_tissues(maps: np.ndarray, mask: np.ndarray,
                      tissue_voxels: Mapping[str, np.ndarray],
                      targets: Mapping[str, Mapping[str, float]],
@@ -532,11 +555,19 @@ RESTART_CHI = 3.0
 the contrasts) is restarted from the ``starts`` given (the calibration's tissue values)."""
 
 
+BRANCH_CHI2 = 3.84
+"""A WM/GM-labelled voxel on the CSF-like branch moves to its tissue's branch unless the
+CSF-like branch fits the data better by more than this χ² (summed over the contrasts, noise
+SDs): the 95 % point of χ² with one degree of freedom. Within it the data do not tell the
+branches apart and the segmentation decides; beyond it the data win."""
+
+
 def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Protocol],
                 images: np.ndarray, scales: Sequence[float], noise: float = 0.03,
                 prior_log_sd: float = 0.3, iterations: int = 20, tol: float = 1e-6,
                 starts: Sequence[Sequence[float]] = (),
-                ) -> tuple[np.ndarray, dict[str, float]]:
+                tissue_start: np.ndarray | None = None, branch_t2: float | None = None,
+                ) -> tuple[np.ndarray, dict[str, Any]]:
     """Data consistency with the calibrated scales, voxel by voxel, the network as prior.
 
     Minimises Σ_c ((r_c − s_c·S_c(θ)) / noise)² + Σ_p ((log θ_p − log θ⁰_p) / prior_log_sd)²
@@ -549,7 +580,18 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
     limits (PD 1, T1 5 s) the descent can stall far from the data. Voxels whose data misfit
     stays above :data:`RESTART_CHI` noise SDs are therefore descended again from each of
     ``starts`` ((PD, T1 s, T2 s), e.g. the calibration's WM, GM and CSF values) with the same
-    cost, and keep the lowest. Returns the refined maps and a summary.
+    cost, and keep the lowest.
+
+    The FLAIR magnitude is two-valued in T1 (either side of its null), so a voxel can fit all
+    the inputs on a second, CSF-like branch. Where the segmentation gives a voxel a tissue
+    (``tissue_start`` (..., 3): its tissue's (PD, T1 s, T2 s), NaN where it gives none) and the
+    refined T2 exceeds ``branch_t2`` (s), the voxel is descended again from its tissue's values,
+    with those values as the prior (the network's value, CSF-like there, would pull the descent
+    back over). The tissue-branch solution replaces the CSF-like one when its T2 is below
+    ``branch_t2`` and the CSF-like one does not fit the data better by more than
+    :data:`BRANCH_CHI2`: the data choose where they can, the segmentation where they cannot
+    (seed 004's restricted sub-spaces, chosen by likelihood). Returns the refined maps and a
+    summary.
     """
     out = np.array(maps, dtype=np.float64, copy=True)
     sel = mask.astype(bool) & np.all(out > 0, axis=-1)
@@ -561,19 +603,19 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
     w = 1.0 / prior_log_sd
     eye = np.eye(3)
 
-    def cost(xv: np.ndarray, idx: np.ndarray | slice = slice(None)
-             ) -> tuple[np.ndarray, np.ndarray]:
+    def cost(xv: np.ndarray, idx: np.ndarray | slice = slice(None),
+             prior: np.ndarray = x0) -> tuple[np.ndarray, np.ndarray]:
         """(cost, log-signals) at log-parameters ``xv`` of the voxels ``idx``."""
         logs = _log_signals(protocols, xv)
         f = sc * np.exp(logs)
-        return (((r[idx] - f) / noise) ** 2).sum(1) + ((w * (xv - x0[idx])) ** 2).sum(1), logs
+        return (((r[idx] - f) / noise) ** 2).sum(1) + ((w * (xv - prior[idx])) ** 2).sum(1), logs
 
-    def descend(x: np.ndarray, rows: np.ndarray
+    def descend(x: np.ndarray, rows: np.ndarray, prior: np.ndarray = x0
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-        """LM from ``x`` (len(rows), 3) for the voxels ``rows``: (x, cost, log-signals at x,
-        steps, voxels still moving)."""
+        """LM from ``x`` (len(rows), 3) for the voxels ``rows`` (log-prior ``prior``, all
+        voxels): (x, cost, log-signals at x, steps, voxels still moving)."""
         lam = np.full(x.shape[0], 1e-3)
-        c_now, logf_now = cost(x, rows)
+        c_now, logf_now = cost(x, rows, prior)
         active = np.ones(x.shape[0], dtype=bool)
         steps = 0
         for _ in range(iterations):
@@ -591,11 +633,11 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
             res = (f - r[rows[idx]]) / noise
             jt = np.swapaxes(jl, 1, 2)
             a = jt @ jl + (w * w) * eye
-            g = (jt @ res[..., None])[..., 0] + (w * w) * (xa - x0[rows[idx]])
+            g = (jt @ res[..., None])[..., 0] + (w * w) * (xa - prior[rows[idx]])
             la = lam[idx]
             step = -np.linalg.solve(a + la[:, None, None] * eye, g[..., None])[..., 0]
             cand = np.clip(xa + np.clip(step, -0.5, 0.5), _LOG_LO, _LOG_HI)
-            c_new, logf_new = cost(cand, rows[idx])
+            c_new, logf_new = cost(cand, rows[idx], prior)
             ok = c_new <= c_now[idx]
             acc = idx[ok]
             x[acc] = cand[ok]
@@ -625,6 +667,22 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
             won[rows[better]] = True
             x[rows[better]] = xs[better]
             c_best[rows[better]] = cs[better]
+    branch = {"checked": 0, "switched": 0}
+    if tissue_start is not None and branch_t2 is not None:
+        ts = np.asarray(tissue_start, dtype=np.float64)[sel]
+        rows = np.flatnonzero(np.all(np.isfinite(ts), axis=1) & np.all(ts > 0, axis=1)
+                              & (x[:, 2] > np.log(branch_t2)))
+        branch["checked"] = int(rows.size)
+        if rows.size:
+            xt = np.zeros_like(x0)
+            xt[rows] = np.clip(np.log(ts[rows]), _LOG_LO, _LOG_HI)
+            xs, _, logs, _, _ = descend(xt[rows].copy(), rows, prior=xt)
+            chi_tissue = (((r[rows] - sc * np.exp(logs)) / noise) ** 2).sum(1)
+            chi_csf = (((r[rows] - sc * np.exp(_log_signals(protocols, x[rows]))) / noise)
+                       ** 2).sum(1)
+            take = (chi_tissue <= chi_csf + BRANCH_CHI2) & (xs[:, 2] < np.log(branch_t2))
+            x[rows[take]] = xs[take]
+            branch["switched"] = int(take.sum())
     out[sel] = np.exp(x)
     moved = np.abs(x - x0).max(axis=1)
     return out.astype(maps.dtype), {"voxels": int(sel.sum()),
@@ -632,7 +690,10 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
                                     "noise": noise, "prior_log_sd": prior_log_sd,
                                     "iterations": steps,
                                     "still_moving": moving,
-                                    "restarted": restarted, "restart_improved": int(won.sum())}
+                                    "restarted": restarted, "restart_improved": int(won.sum()),
+                                    "branch_t2_s": branch_t2,
+                                    "branch_checked": branch["checked"],
+                                    "branch_switched": branch["switched"]}
 
 
 def smooth_maps(maps: np.ndarray, mask: np.ndarray, guide: np.ndarray | None = None, *,

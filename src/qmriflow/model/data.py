@@ -254,7 +254,7 @@ def load_session(session_dir: str | Path, subject: str | None = None,
     )
 
 
-def _session_seg(sd: SessionData) -> np.ndarray:
+def session_seg(sd: SessionData) -> np.ndarray:
     """The session's ``_dseg`` (S, H, W) int16, checked against the images' grid."""
     dseg, _ = _load_volume(sd.files.dseg, "tissue segmentation (dseg)", sd.label)
     if dseg.shape != sd.shape:
@@ -263,26 +263,29 @@ def _session_seg(sd: SessionData) -> np.ndarray:
     return np.moveaxis(np.rint(dseg).astype(np.int16), 2, 0)
 
 
-def session_tissue_voxels(sd: SessionData, contrasts: Sequence[str] | None = None
+def session_tissue_voxels(sd: SessionData, contrasts: Sequence[str] | None = None,
+                          seg: np.ndarray | None = None,
                           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The calibration's tissue voxels (S, H, W) of a loaded session and soft WM/GM/CSF weights
-    (needs its ``_dseg``: 1 GM, 2 WM, 3 CSF, on the images' grid); see
-    :func:`qmriflow.model.calibration.tissue_masks` and
+    (needs its ``_dseg``: 1 GM, 2 WM, 3 CSF, on the images' grid; ``seg``: that dseg already
+    read by :func:`session_seg`); see :func:`qmriflow.model.calibration.tissue_masks` and
     :func:`~qmriflow.model.calibration.tissue_weights`."""
     use = tuple(contrasts) if contrasts is not None else sd.contrasts
     idx = [sd.contrasts.index(c) for c in use]
-    seg = _session_seg(sd)
+    seg = session_seg(sd) if seg is None else seg
     return (tissue_masks(sd.images[:, idx], seg, sd.brain, use),
             tissue_weights(seg, tissues=("WM", "GM", "CSF")))
 
 
-def session_calibration(sd: SessionData, contrasts: Sequence[str] | None = None) -> Calibration:
+def session_calibration(sd: SessionData, contrasts: Sequence[str] | None = None,
+                        seg: np.ndarray | None = None) -> Calibration:
     """Calibrated per-contrast scales of a loaded session (needs its ``_dseg``: 1 GM, 2 WM,
-    3 CSF, on the images' grid); see :func:`qmriflow.model.calibration.calibrate_scales`.
-    ``contrasts``: calibrate from these only (default: every contrast loaded)."""
+    3 CSF, on the images' grid; ``seg``: that dseg already read by :func:`session_seg`); see
+    :func:`qmriflow.model.calibration.calibrate_scales`. ``contrasts``: calibrate from these
+    only (default: every contrast loaded)."""
     use = tuple(contrasts) if contrasts is not None else sd.contrasts
     idx = [sd.contrasts.index(c) for c in use]
-    seg = _session_seg(sd)
+    seg = session_seg(sd) if seg is None else seg
     medians, counts = tissue_medians(sd.images[:, idx], seg, sd.brain, use)
     if "CSF" not in medians:
         raise InputError(f"too few CSF voxels ({counts.get('CSF', 0)}) in the segmentation "

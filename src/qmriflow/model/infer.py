@@ -47,14 +47,22 @@ from .calibration import (
     TISSUES,
     Smoothing,
     anchor_free_directions,
+    csf_branch_t2,
     pin_maps,
     refine_maps,
     scale_sensitivity,
     shift_to_tissues,
     smooth_maps,
+    tissue_starts,
 )
 from .checkpoint import load_model
-from .data import load_session, session_calibration, session_files, session_tissue_voxels
+from .data import (
+    load_session,
+    session_calibration,
+    session_files,
+    session_seg,
+    session_tissue_voxels,
+)
 from .normalise import CONTRASTS
 from .train import resolve_device, resolve_precision
 
@@ -173,7 +181,8 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
     sel = [need.index(c) for c in contrasts]
     # calibrated from, pinned to and made consistent with the network's inputs only: a contrast
     # withheld from the network is withheld from the maps altogether (it is re-synthesised)
-    calib = session_calibration(sd, contrasts) if calibrated else None
+    seg = session_seg(sd) if calibrated else None
+    calib = session_calibration(sd, contrasts, seg=seg) if calibrated else None
     t_read = time.perf_counter() - t0
     t1 = time.perf_counter()
     try:
@@ -187,8 +196,8 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
         raise InputError("network produced non-finite values", session=label)
     sds = None
     pinning: dict[str, Any] = {}
-    if calib is not None:
-        maps, sds, pinning = _pin(maps, sd, calib, contrasts, smoothing)
+    if calib is not None and seg is not None:
+        maps, sds, pinning = _pin(maps, sd, calib, contrasts, seg, smoothing)
     paths = map_paths(out_dir, label)
     files = sd.files
     common = {
@@ -268,7 +277,7 @@ def _to_log_maps(maps: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(np.asarray(maps, dtype=np.float64), 1e-6))
 
 
-def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
+def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str], seg: np.ndarray,
          smoothing: Smoothing = DEFAULT_SMOOTHING
          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Move the network's maps (S, 3, H, W) onto the calibrated scales, then make them
@@ -276,7 +285,9 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
     than three inputs, set their level along the directions the inputs leave open from the
     calibration's tissue values and make them consistent again; smooth the result
     edge-preservingly (``smoothing``; radius 0 = off), guided by the input images or the
-    network's maps. Returns the maps, their per-voxel SDs (S, 3, H, W) and a summary."""
+    network's maps. ``seg``: the session's dseg (S, H, W), which also chooses between the
+    data-consistent branches of WM/GM voxels (see :func:`refine_maps`). Returns the maps, their
+    per-voxel SDs (S, 3, H, W) and a summary."""
     inputs = tuple(inputs)
     protos = [sd.protocols[c] for c in inputs]
     brain = sd.brain & np.all(maps > 0, axis=1)
@@ -298,6 +309,9 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
     # where the descent from the network's value stalls (values pinned at the limits), the
     # data consistency restarts from the calibration's tissue values
     starts = [tuple(calib.tissues[t][p] for p in PARAMS) for t in TISSUES if t in calib.tissues]
+    # WM/GM voxels on the FLAIR's CSF-like branch are moved to their tissue's branch where
+    # that fits the data as well
+    t_start, t2_branch = tissue_starts(seg, calib.tissues), csf_branch_t2(calib.tissues)
     anchor: dict[str, Any] = {"applied": False, "contrasts": len(inputs)}
     if len(inputs) < 3:
         # a contrast withheld: the inputs leave each voxel a direction they do not determine,
@@ -306,16 +320,19 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
         # (robust to a far-off guess); (2) the result is moved along the open direction so its
         # tissue means match the calibration (per tissue, blended across edges) and made
         # consistent with the data again (the move is large enough to matter at second order)
-        voxels, weights = session_tissue_voxels(sd, inputs)
+        voxels, weights = session_tissue_voxels(sd, inputs, seg=seg)
         prior, shift = shift_to_tissues(moved, brain, voxels, calib.tissues, weights)
-        refined, _ = refine_maps(prior, brain, protos, images, scales, starts=starts)
+        refined, _ = refine_maps(prior, brain, protos, images, scales, starts=starts,
+                                 tissue_start=t_start, branch_t2=t2_branch)
         anchored, anchor = anchor_free_directions(refined, brain, protos, voxels,
                                                   calib.tissues, weights)
         anchor["prior_shift"] = shift
         refined, refine = refine_maps(anchored, brain, protos, images, scales,
-                                     starts=starts)
+                                     starts=starts, tissue_start=t_start,
+                                     branch_t2=t2_branch)
     else:
-        refined, refine = refine_maps(moved, brain, protos, images, scales, starts=starts)
+        refined, refine = refine_maps(moved, brain, protos, images, scales, starts=starts,
+                                     tissue_start=t_start, branch_t2=t2_branch)
     # edge-preserving smoothing of the result, steered by the inputs' (or the network's) edges
     if smoothing.radius > 0:
         guide = (np.log(np.maximum(images.astype(np.float64), 1e-3))
