@@ -603,12 +603,16 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
     w = 1.0 / prior_log_sd
     eye = np.eye(3)
 
+    def misfit(logs: np.ndarray, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Data χ² Σ_c ((r_c − s_c·S_c) / noise)² of the voxels ``idx`` from their
+        log-signals."""
+        return (((r[idx] - sc * np.exp(logs)) / noise) ** 2).sum(1)
+
     def cost(xv: np.ndarray, idx: np.ndarray | slice = slice(None),
              prior: np.ndarray = x0) -> tuple[np.ndarray, np.ndarray]:
         """(cost, log-signals) at log-parameters ``xv`` of the voxels ``idx``."""
         logs = _log_signals(protocols, xv)
-        f = sc * np.exp(logs)
-        return (((r[idx] - f) / noise) ** 2).sum(1) + ((w * (xv - prior[idx])) ** 2).sum(1), logs
+        return misfit(logs, idx) + ((w * (xv - prior[idx])) ** 2).sum(1), logs
 
     def descend(x: np.ndarray, rows: np.ndarray, prior: np.ndarray = x0
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
@@ -654,8 +658,7 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
     restarted = 0
     won = np.zeros(x0.shape[0], dtype=bool)
     if len(starts):
-        misfit = (((r - sc * np.exp(logf)) / noise) ** 2).mean(1)
-        rows = np.flatnonzero(misfit > RESTART_CHI ** 2)
+        rows = np.flatnonzero(misfit(logf) / r.shape[1] > RESTART_CHI ** 2)
         restarted = int(rows.size)
         for st in starts:
             if rows.size == 0:
@@ -677,10 +680,9 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
             xt = np.zeros_like(x0)
             xt[rows] = np.clip(np.log(ts[rows]), _LOG_LO, _LOG_HI)
             xs, _, logs, _, _ = descend(xt[rows].copy(), rows, prior=xt)
-            chi_tissue = (((r[rows] - sc * np.exp(logs)) / noise) ** 2).sum(1)
-            chi_csf = (((r[rows] - sc * np.exp(_log_signals(protocols, x[rows]))) / noise)
-                       ** 2).sum(1)
-            take = (chi_tissue <= chi_csf + BRANCH_CHI2) & (xs[:, 2] < np.log(branch_t2))
+            chi_csf = misfit(_log_signals(protocols, x[rows]), rows)
+            take = ((misfit(logs, rows) <= chi_csf + BRANCH_CHI2)
+                    & (xs[:, 2] < np.log(branch_t2)))
             x[rows[take]] = xs[take]
             branch["switched"] = int(take.sum())
     out[sel] = np.exp(x)
