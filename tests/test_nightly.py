@@ -12,9 +12,10 @@ Fast unit tests (quiet period, completion marker, lock) and one end-to-end seque
   night 2 (same pixel data and geometry, new UIDs), bit for bit;
 * the corrupt session is retried up to nightly.max_attempts (2 here) and then left out.
 
-The model is a fixed, untrained width-4 network (nightly runs need a fixed checkpoint); map
-accuracy is not what is tested here. The fat/water series is left out of the archive (the
-CSE rules are per series and covered by test_workflow_cse).
+The model is a fixed, untrained width-4 network (nightly runs need a fixed checkpoint) and
+preprocessing runs at 2 mm on a 112 x 112 grid: map and preprocessing accuracy are not what is
+tested here (test_pipeline checks those at the default resolution). The fat/water series is
+left out of the archive (the CSE rules are per series and covered by test_workflow_cse).
 """
 
 from __future__ import annotations
@@ -183,6 +184,8 @@ def _config(root: Path, quiet_min: float) -> Path:
         "input_dir": str(root / "archive"), "output_dir": "results", "work_dir": "work",
         "pseudonym_salt": SALT,
         "model": {"checkpoint": str(root / "model.pt"), "threads": 1},
+        # small, fast preprocessing (as in test_slurm): 2 mm in-plane on a 112 x 112 grid
+        "preprocessing": {"inplane_mm": 2.0, "matrix": 112},
         "skullstrip": {"backend": "deepbet"},
         "stats": {"repro": False},
         "nightly": {"quiet_period_min": quiet_min, "max_attempts": 2},
