@@ -145,7 +145,7 @@ def main() -> int:
         a.smoothing = f"{a.smoothing},{a.guide}"
     import torch
 
-    from qmriflow.model.calibration import Smoothing
+    from qmriflow.model.calibration import DEFAULT_SMOOTHING, Smoothing
     from qmriflow.model.data import pack_sessions
     from qmriflow.model.infer import infer_session
     from qmriflow.model.train import TrainConfig, train
@@ -174,7 +174,11 @@ def main() -> int:
         for seed in a.seeds:
             key = f"{method}/{seed}" + (f"/smooth-{a.smoothing.replace(',', '-')}"
                                          if a.smoothing else "")
-            if key in report["runs"]:
+            # the smoothing the maps are made with (a given one is part of the key); a run on
+            # record under the default is reused only if the default has not changed since
+            used = a.smoothing or ",".join(str(v) for v in vars(DEFAULT_SMOOTHING).values())
+            if key in report["runs"] and (
+                    a.smoothing or report["runs"][key].get("smoothing_used") == used):
                 continue
             # "seed+pin": the seed-trained model, its maps moved onto calibrated scales
             trained_as, _, pin = method.partition("+")
@@ -200,7 +204,7 @@ def main() -> int:
                 tw.append(twin_metrics(d, tdir, mp))
             name = f"{method} smooth {a.smoothing}" if a.smoothing else method
             report["runs"][key] = {"method": name, "seed": seed, "train_s": t_train,
-                                   "smoothing": a.smoothing,
+                                   "smoothing": a.smoothing, "smoothing_used": used,
                                    "best_val": summary["best_val_loss"], "sessions": ses,
                                    "twins": tw}
             out_json.write_text(json.dumps(report, indent=1))
