@@ -397,7 +397,7 @@ def test_smooth_maps_weights_by_hand():
 
 
 def test_smoothing_settings():
-    assert cal.DEFAULT_SMOOTHING == cal.Smoothing(2, 1.5, 0.1, 0.3, "images")
+    assert cal.DEFAULT_SMOOTHING == cal.Smoothing(3, 2.0, 0.1, 0.3, "images")
     for bad in ({"radius": -1}, {"radius": 1.5}, {"sigma_space": 0.0}, {"sigma_value": 0.0},
                 {"guide": "t1w"}):
         with pytest.raises(ValueError):

@@ -349,7 +349,7 @@ def test_calibrated_inference_pins_the_maps_and_writes_uncertainty(trained, tiny
     gpaths = map_paths(tmp_path / "g", label)
     side = json.loads(gpaths["PDmap"].with_name(gpaths["PDmap"].name[:-7] + ".json").read_text())
     assert side["Scaling"]["pinning"]["refine"]["smoothing"] == {
-        "radius": 2, "sigma_space_voxels": 1.5, "sigma_range_log": 0.1, "sigma_value_log": 0.3,
+        "radius": 3, "sigma_space_voxels": 2.0, "sigma_range_log": 0.1, "sigma_value_log": 0.3,
         "guide": "log of the mode-normalised inputs T1w+T2w+FLAIR"}
     smooth = [nib.load(str(gpaths[k])).get_fdata() for k in keys]
 

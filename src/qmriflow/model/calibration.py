@@ -127,9 +127,9 @@ mode-normalised input images (the data's own edges), or the log of the network's
 class Smoothing:
     """Settings of :func:`smooth_maps` at inference (``model.map_smoothing``)."""
 
-    radius: int = 2
+    radius: int = 3
     """Half-width of the in-plane window (voxels); 0 = off."""
-    sigma_space: float = 1.5
+    sigma_space: float = 2.0
     """Spatial SD of the weights (voxels)."""
     sigma_range: float = 0.1
     """SD of the guide's log-distance in the weights."""
@@ -150,8 +150,9 @@ class Smoothing:
 
 
 DEFAULT_SMOOTHING = Smoothing()
-"""Measured best (bench/RESULTS.md, "Scale degeneracy": smoothing variants): protocol
-invariance of PD, and higher correlation with the truth, without blurring the WM/GM contrast."""
+"""Measured best (bench/RESULTS.md, "Scale degeneracy": smoothing variants, and "A wider
+map smoothing"): protocol invariance of PD, and higher correlation with the truth, without
+blurring the WM/GM or lesion contrast."""
 
 
 @dataclass
@@ -699,7 +700,9 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
 
 
 def smooth_maps(maps: np.ndarray, mask: np.ndarray, guide: np.ndarray | None = None, *,
-                radius: int = 2, sigma_space: float = 1.5, sigma_range: float = 0.1,
+                radius: int = DEFAULT_SMOOTHING.radius,
+                sigma_space: float = DEFAULT_SMOOTHING.sigma_space,
+                sigma_range: float = DEFAULT_SMOOTHING.sigma_range,
                 sigma_value: float | None = None) -> np.ndarray:
     """Edge-preserving in-plane smoothing of log-maps (a joint-bilateral filter).
 
