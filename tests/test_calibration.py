@@ -404,19 +404,20 @@ def test_smoothing_settings():
             cal.Smoothing(**bad)
 
 
-def test_tissue_starts_and_branch_t2_by_hand():
+def test_tissue_start_table_and_branch_t2_by_hand():
     targets = {"WM": {"pd": 0.7, "t1_s": 0.85, "t2_s": 0.07},
                "GM": {"pd": 0.8, "t1_s": 1.35, "t2_s": 0.09},
                "CSF": {"pd": 1.0, "t1_s": 4.3, "t2_s": 2.0}}
     assert cal.csf_branch_t2(targets) == pytest.approx(math.sqrt(0.09 * 2.0), rel=1e-12)
     assert cal.csf_branch_t2({"WM": targets["WM"]}) is None  # no CSF
     assert cal.csf_branch_t2({"CSF": targets["CSF"]}) is None  # no tissue
-    dseg = np.array([[0, 1, 2, 3]])
-    st = cal.tissue_starts(dseg, targets)
-    assert st.shape == (1, 4, 3)
-    np.testing.assert_array_equal(st[0, 1], [0.8, 1.35, 0.09])
-    np.testing.assert_array_equal(st[0, 2], [0.7, 0.85, 0.07])
-    assert np.isnan(st[0, 0]).all() and np.isnan(st[0, 3]).all()  # background, CSF: no start
+    st = cal.tissue_start_table(targets)  # rows: dseg labels 0 (background), 1 GM, 2 WM, 3 CSF
+    assert st.shape == (4, 3)
+    np.testing.assert_array_equal(st[1], [0.8, 1.35, 0.09])
+    np.testing.assert_array_equal(st[2], [0.7, 0.85, 0.07])
+    assert np.isnan(st[0]).all() and np.isnan(st[3]).all()  # background, CSF: no start
+    only_wm = cal.tissue_start_table({"WM": targets["WM"]})
+    assert np.isnan(only_wm[1]).all() and not np.isnan(only_wm[2]).any()
 
 
 def test_refine_maps_moves_tissue_voxels_off_the_csf_like_branch():
@@ -435,14 +436,15 @@ def test_refine_maps_moves_tissue_voxels_off_the_csf_like_branch():
     mixed = 0.3 * sig(gm) + 0.7 * sig(csf)
     images = np.concatenate([mixed, sig(csf), mixed, sig(gm)])
     net = np.array([[0.7, 3.0, 1.0], [1.0, 4.4, 1.9], [0.7, 3.0, 1.0], [0.78, 1.4, 0.1]])
-    start = np.array([gm, gm, [np.nan] * 3, gm])  # voxel 2 has no tissue label
+    dseg = np.array([1, 1, 0, 1])  # GM, except voxel 2: no tissue label
+    table = cal.tissue_start_table({"GM": dict(zip(cal.PARAMS, gm, strict=True))})
     mask = np.ones(4, bool)
     t2_branch = math.sqrt(0.09 * 2.0)
     plain, info = cal.refine_maps(net, mask, protos, images, scales)
     assert info["branch_checked"] == 0 and info["branch_t2_s"] is None
     assert plain[0, 2] > t2_branch and plain[1, 2] > t2_branch  # CSF-like T2
-    chosen, info = cal.refine_maps(net, mask, protos, images, scales, tissue_start=start,
-                                   branch_t2=t2_branch)
+    chosen, info = cal.refine_maps(net, mask, protos, images, scales, dseg=dseg,
+                                   start_table=table, branch_t2=t2_branch)
     assert info["branch_checked"] == 2 and info["branch_switched"] == 1
     # voxel 0 moved to the tissue branch, which fits the data better than the CSF-like one
     assert chosen[0, 2] < 0.25 and chosen[0, 1] < plain[0, 1]
@@ -453,3 +455,9 @@ def test_refine_maps_moves_tissue_voxels_off_the_csf_like_branch():
     np.testing.assert_array_equal(chosen[1], plain[1])
     # no tissue label, or a tissue T2 already: untouched
     np.testing.assert_array_equal(chosen[2:], plain[2:])
+    assert plain[2, 2] > t2_branch  # voxel 2 would be checked if it had a tissue label
+    # a label the table does not hold is no tissue label either
+    other, info = cal.refine_maps(net, mask, protos, images, scales, dseg=np.array([1, 1, 9, 1]),
+                                  start_table=table, branch_t2=t2_branch)
+    assert info["branch_checked"] == 2
+    np.testing.assert_array_equal(other, chosen)

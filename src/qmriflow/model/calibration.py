@@ -411,15 +411,16 @@ def tissue_weights(dseg: np.ndarray, sigma: float = 1.0,
                                        (0, sigma, sigma), mode="nearest") for t in tissues}
 
 
-def tissue_starts(dseg: np.ndarray, targets: Mapping[str, Mapping[str, float]],
-                  tissues: Sequence[str] = ("WM", "GM")) -> np.ndarray:
-    """(..., 3) maps holding each ``tissues`` voxel's tissue values from ``targets`` (PD, T1 s,
-    T2 s; e.g. the calibration's), NaN elsewhere: the starts of :func:`refine_maps`'s branch
-    choice. ``dseg`` 1 GM, 2 WM, 3 CSF."""
-    out = np.full((*np.shape(dseg), 3), np.nan)
+def tissue_start_table(targets: Mapping[str, Mapping[str, float]],
+                       tissues: Sequence[str] = ("WM", "GM")) -> np.ndarray:
+    """The starts of :func:`refine_maps`'s branch choice by dseg label: row ``DSEG_LABEL[t]``
+    of the (max label + 1, 3) table holds tissue t's values from ``targets`` (PD, T1 s, T2 s;
+    e.g. the calibration's) for each t of ``tissues``; every other row (background, CSF, a
+    tissue without values) is NaN. ``dseg`` labels: 1 GM, 2 WM, 3 CSF."""
+    out = np.full((max(DSEG_LABEL.values()) + 1, 3), np.nan)
     for t in tissues:
         if t in targets:
-            out[np.asarray(dseg) == DSEG_LABEL[t]] = [targets[t][p] for p in PARAMS]
+            out[DSEG_LABEL[t]] = [targets[t][p] for p in PARAMS]
     return out
 
 
@@ -567,7 +568,8 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
                 images: np.ndarray, scales: Sequence[float], noise: float = 0.03,
                 prior_log_sd: float = 0.3, iterations: int = 20, tol: float = 1e-6,
                 starts: Sequence[Sequence[float]] = (),
-                tissue_start: np.ndarray | None = None, branch_t2: float | None = None,
+                dseg: np.ndarray | None = None, start_table: np.ndarray | None = None,
+                branch_t2: float | None = None,
                 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Data consistency with the calibrated scales, voxel by voxel, the network as prior.
 
@@ -585,8 +587,9 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
 
     The FLAIR magnitude is two-valued in T1 (either side of its null), so a voxel can fit all
     the inputs on a second, CSF-like branch. Where the segmentation gives a voxel a tissue
-    (``tissue_start`` (..., 3): its tissue's (PD, T1 s, T2 s), NaN where it gives none) and the
-    refined T2 exceeds ``branch_t2`` (s), the voxel is descended again from its tissue's values,
+    (``dseg`` (...), the labels; ``start_table`` (n, 3): a label's tissue values (PD, T1 s,
+    T2 s) by row, NaN for labels without, see :func:`tissue_start_table`) and the refined T2
+    exceeds ``branch_t2`` (s), the voxel is descended again from its tissue's values,
     with those values as the prior (the network's value, CSF-like there, would pull the descent
     back over). The tissue-branch solution replaces the CSF-like one when its T2 is below
     ``branch_t2`` and the CSF-like one does not fit the data better by more than
@@ -609,16 +612,17 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
         log-signals."""
         return (((r[idx] - sc * np.exp(logs)) / noise) ** 2).sum(1)
 
-    def cost(xv: np.ndarray, idx: np.ndarray | slice = slice(None),
-             prior: np.ndarray = x0) -> tuple[np.ndarray, np.ndarray]:
-        """(cost, log-signals) at log-parameters ``xv`` of the voxels ``idx``."""
+    def cost(xv: np.ndarray, idx: np.ndarray | slice, prior: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """(cost, log-signals) at log-parameters ``xv`` of the voxels ``idx``, whose
+        log-priors are ``prior`` (aligned with ``xv``)."""
         logs = _log_signals(protocols, xv)
-        return misfit(logs, idx) + ((w * (xv - prior[idx])) ** 2).sum(1), logs
+        return misfit(logs, idx) + ((w * (xv - prior)) ** 2).sum(1), logs
 
-    def descend(x: np.ndarray, rows: np.ndarray, prior: np.ndarray = x0
+    def descend(x: np.ndarray, rows: np.ndarray, prior: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-        """LM from ``x`` (len(rows), 3) for the voxels ``rows`` (log-prior ``prior``, all
-        voxels): (x, cost, log-signals at x, steps, voxels still moving)."""
+        """LM from ``x`` (len(rows), 3) for the voxels ``rows``, whose log-priors are
+        ``prior`` (len(rows), 3): (x, cost, log-signals at x, steps, voxels still moving)."""
         lam = np.full(x.shape[0], 1e-3)
         c_now, logf_now = cost(x, rows, prior)
         active = np.ones(x.shape[0], dtype=bool)
@@ -638,11 +642,11 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
             res = (f - r[rows[idx]]) / noise
             jt = np.swapaxes(jl, 1, 2)
             a = jt @ jl + (w * w) * eye
-            g = (jt @ res[..., None])[..., 0] + (w * w) * (xa - prior[rows[idx]])
+            g = (jt @ res[..., None])[..., 0] + (w * w) * (xa - prior[idx])
             la = lam[idx]
             step = -np.linalg.solve(a + la[:, None, None] * eye, g[..., None])[..., 0]
             cand = np.clip(xa + np.clip(step, -0.5, 0.5), _LOG_LO, _LOG_HI)
-            c_new, logf_new = cost(cand, rows[idx], prior)
+            c_new, logf_new = cost(cand, rows[idx], prior[idx])
             ok = c_new <= c_now[idx]
             acc = idx[ok]
             x[acc] = cand[ok]
@@ -655,7 +659,7 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
         return x, c_now, logf_now, steps, int(active.sum())
 
     everyone = np.arange(x0.shape[0])
-    x, c_best, logf, steps, moving = descend(x0.copy(), everyone)
+    x, c_best, logf, steps, moving = descend(x0.copy(), everyone, x0)
     restarted = 0
     won = np.zeros(x0.shape[0], dtype=bool)
     if len(starts):
@@ -666,21 +670,25 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
                 break
             start = np.clip(np.log(np.asarray(st, np.float64)), _LOG_LO, _LOG_HI)
             xs = np.broadcast_to(start, (rows.size, 3)).copy()
-            xs, cs, _, _, _ = descend(xs, rows)
+            xs, cs, _, _, _ = descend(xs, rows, x0[rows])
             better = cs < c_best[rows]
             won[rows[better]] = True
             x[rows[better]] = xs[better]
             c_best[rows[better]] = cs[better]
     branch = {"checked": 0, "switched": 0}
-    if tissue_start is not None and branch_t2 is not None:
-        ts = np.asarray(tissue_start, dtype=np.float64)[sel]
-        rows = np.flatnonzero(np.all(np.isfinite(ts), axis=1) & np.all(ts > 0, axis=1)
-                              & (x[:, 2] > np.log(branch_t2)))
+    if dseg is not None and start_table is not None and branch_t2 is not None:
+        table = np.asarray(start_table, dtype=np.float64)
+        rows = np.flatnonzero(x[:, 2] > np.log(branch_t2))
+        lab = np.asarray(dseg)[sel][rows]
+        known = (lab >= 0) & (lab < table.shape[0]) & (lab == np.floor(lab))
+        rows, lab = rows[known], lab[known].astype(np.intp)
+        ts = table[lab]
+        good = np.all(np.isfinite(ts), axis=1) & np.all(ts > 0, axis=1)
+        rows, ts = rows[good], ts[good]
         branch["checked"] = int(rows.size)
         if rows.size:
-            xt = np.zeros_like(x0)
-            xt[rows] = np.clip(np.log(ts[rows]), _LOG_LO, _LOG_HI)
-            xs, _, logs, _, _ = descend(xt[rows].copy(), rows, prior=xt)
+            xt = np.clip(np.log(ts), _LOG_LO, _LOG_HI)
+            xs, _, logs, _, _ = descend(xt.copy(), rows, xt)
             chi_csf = misfit(_log_signals(protocols, x[rows]), rows)
             take = ((misfit(logs, rows) <= chi_csf + BRANCH_CHI2)
                     & (xs[:, 2] < np.log(branch_t2)))

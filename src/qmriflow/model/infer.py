@@ -53,7 +53,7 @@ from .calibration import (
     scale_sensitivity,
     shift_to_tissues,
     smooth_maps,
-    tissue_starts,
+    tissue_start_table,
 )
 from .checkpoint import load_model
 from .data import (
@@ -311,7 +311,8 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str], seg: np.n
     starts = [tuple(calib.tissues[t][p] for p in PARAMS) for t in TISSUES if t in calib.tissues]
     # WM/GM voxels on the FLAIR's CSF-like branch are moved to their tissue's branch where
     # that fits the data as well
-    t_start, t2_branch = tissue_starts(seg, calib.tissues), csf_branch_t2(calib.tissues)
+    branch = {"dseg": seg, "start_table": tissue_start_table(calib.tissues),
+              "branch_t2": csf_branch_t2(calib.tissues)}
     anchor: dict[str, Any] = {"applied": False, "contrasts": len(inputs)}
     if len(inputs) < 3:
         # a contrast withheld: the inputs leave each voxel a direction they do not determine,
@@ -323,16 +324,15 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str], seg: np.n
         voxels, weights = session_tissue_voxels(sd, inputs, seg=seg)
         prior, shift = shift_to_tissues(moved, brain, voxels, calib.tissues, weights)
         refined, _ = refine_maps(prior, brain, protos, images, scales, starts=starts,
-                                 tissue_start=t_start, branch_t2=t2_branch)
+                                 **branch)
         anchored, anchor = anchor_free_directions(refined, brain, protos, voxels,
                                                   calib.tissues, weights)
         anchor["prior_shift"] = shift
         refined, refine = refine_maps(anchored, brain, protos, images, scales,
-                                     starts=starts, tissue_start=t_start,
-                                     branch_t2=t2_branch)
+                                     starts=starts, **branch)
     else:
         refined, refine = refine_maps(moved, brain, protos, images, scales, starts=starts,
-                                     tissue_start=t_start, branch_t2=t2_branch)
+                                     **branch)
     # edge-preserving smoothing of the result, steered by the inputs' (or the network's) edges
     if smoothing.radius > 0:
         guide = (np.log(np.maximum(images.astype(np.float64), 1e-3))
