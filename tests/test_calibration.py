@@ -437,14 +437,16 @@ def test_refine_maps_moves_tissue_voxels_off_the_csf_like_branch():
     images = np.concatenate([mixed, sig(csf), mixed, sig(gm)])
     net = np.array([[0.7, 3.0, 1.0], [1.0, 4.4, 1.9], [0.7, 3.0, 1.0], [0.78, 1.4, 0.1]])
     dseg = np.array([1, 1, 0, 1])  # GM, except voxel 2: no tissue label
-    table = cal.tissue_start_table({"GM": dict(zip(cal.PARAMS, gm, strict=True))})
+    tissues = {"GM": dict(zip(cal.PARAMS, gm, strict=True)),
+               "CSF": dict(zip(cal.PARAMS, csf, strict=True))}
     mask = np.ones(4, bool)
     t2_branch = math.sqrt(0.09 * 2.0)
     plain, info = cal.refine_maps(net, mask, protos, images, scales)
     assert info["branch_checked"] == 0 and info["branch_t2_s"] is None
     assert plain[0, 2] > t2_branch and plain[1, 2] > t2_branch  # CSF-like T2
     chosen, info = cal.refine_maps(net, mask, protos, images, scales, dseg=dseg,
-                                   start_table=table, branch_t2=t2_branch)
+                                   tissues=tissues)
+    assert info["branch_t2_s"] == t2_branch
     assert info["branch_checked"] == 2 and info["branch_switched"] == 1
     # voxel 0 moved to the tissue branch, which fits the data better than the CSF-like one
     assert chosen[0, 2] < 0.25 and chosen[0, 1] < plain[0, 1]
@@ -458,6 +460,10 @@ def test_refine_maps_moves_tissue_voxels_off_the_csf_like_branch():
     assert plain[2, 2] > t2_branch  # voxel 2 would be checked if it had a tissue label
     # a label the table does not hold is no tissue label either
     other, info = cal.refine_maps(net, mask, protos, images, scales, dseg=np.array([1, 1, 9, 1]),
-                                  start_table=table, branch_t2=t2_branch)
+                                  tissues=tissues)
     assert info["branch_checked"] == 2
     np.testing.assert_array_equal(other, chosen)
+    # without CSF values there is no threshold, so no branch choice
+    _, info = cal.refine_maps(net, mask, protos, images, scales, dseg=dseg,
+                              tissues={"GM": tissues["GM"]})
+    assert info["branch_checked"] == 0 and info["branch_t2_s"] is None

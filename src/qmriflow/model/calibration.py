@@ -568,8 +568,8 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
                 images: np.ndarray, scales: Sequence[float], noise: float = 0.03,
                 prior_log_sd: float = 0.3, iterations: int = 20, tol: float = 1e-6,
                 starts: Sequence[Sequence[float]] = (),
-                dseg: np.ndarray | None = None, start_table: np.ndarray | None = None,
-                branch_t2: float | None = None,
+                dseg: np.ndarray | None = None,
+                tissues: Mapping[str, Mapping[str, float]] | None = None,
                 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Data consistency with the calibrated scales, voxel by voxel, the network as prior.
 
@@ -586,13 +586,14 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
     cost, and keep the lowest.
 
     The FLAIR magnitude is two-valued in T1 (either side of its null), so a voxel can fit all
-    the inputs on a second, CSF-like branch. Where the segmentation gives a voxel a tissue
-    (``dseg`` (...), the labels; ``start_table`` (n, 3): a label's tissue values (PD, T1 s,
-    T2 s) by row, NaN for labels without, see :func:`tissue_start_table`) and the refined T2
-    exceeds ``branch_t2`` (s), the voxel is descended again from its tissue's values,
+    the inputs on a second, CSF-like branch. Given the segmentation ``dseg`` (..., labels) and
+    the tissue values ``tissues`` (e.g. the calibration's WM/GM/CSF: PD, T1 s, T2 s), where the
+    dseg gives a voxel a tissue with values (:func:`tissue_start_table`) and the refined T2
+    exceeds the branch threshold (:func:`csf_branch_t2`; no branch choice without CSF or
+    tissue values), the voxel is descended again from its tissue's values,
     with those values as the prior (the network's value, CSF-like there, would pull the descent
     back over). The tissue-branch solution replaces the CSF-like one when its T2 is below
-    ``branch_t2`` and the CSF-like one does not fit the data better by more than
+    the threshold and the CSF-like one does not fit the data better by more than
     :data:`BRANCH_CHI2`: the data choose where they can, the segmentation where they cannot
     (seed 004's restricted sub-spaces, chosen by likelihood). Returns the refined maps and a
     summary.
@@ -676,8 +677,9 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
             x[rows[better]] = xs[better]
             c_best[rows[better]] = cs[better]
     branch = {"checked": 0, "switched": 0}
-    if dseg is not None and start_table is not None and branch_t2 is not None:
-        table = np.asarray(start_table, dtype=np.float64)
+    branch_t2 = csf_branch_t2(tissues) if dseg is not None and tissues is not None else None
+    if branch_t2 is not None:
+        table = tissue_start_table(tissues)
         rows = np.flatnonzero(x[:, 2] > np.log(branch_t2))
         lab = np.asarray(dseg)[sel][rows]
         known = (lab >= 0) & (lab < table.shape[0]) & (lab == np.floor(lab))

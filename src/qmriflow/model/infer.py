@@ -47,13 +47,11 @@ from .calibration import (
     TISSUES,
     Smoothing,
     anchor_free_directions,
-    csf_branch_t2,
     pin_maps,
     refine_maps,
     scale_sensitivity,
     shift_to_tissues,
     smooth_maps,
-    tissue_start_table,
 )
 from .checkpoint import load_model
 from .data import (
@@ -311,8 +309,7 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str], seg: np.n
     starts = [tuple(calib.tissues[t][p] for p in PARAMS) for t in TISSUES if t in calib.tissues]
     # WM/GM voxels on the FLAIR's CSF-like branch are moved to their tissue's branch where
     # that fits the data as well
-    branch = {"dseg": seg, "start_table": tissue_start_table(calib.tissues),
-              "branch_t2": csf_branch_t2(calib.tissues)}
+    branch = {"dseg": seg, "tissues": calib.tissues}
     anchor: dict[str, Any] = {"applied": False, "contrasts": len(inputs)}
     if len(inputs) < 3:
         # a contrast withheld: the inputs leave each voxel a direction they do not determine,
