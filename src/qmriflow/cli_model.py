@@ -12,7 +12,14 @@ from pathlib import Path
 
 from .cli import _provenance, _session_args, _with_session, arguments, command
 from .errors import ConfigError
-from .model.calibration import DEFAULT_METHOD, DEFAULT_SMOOTHING, SMOOTHING_GUIDES, Smoothing
+from .model.calibration import (
+    DEFAULT_ESTIMATOR,
+    DEFAULT_METHOD,
+    DEFAULT_SMOOTHING,
+    ESTIMATORS,
+    SMOOTHING_GUIDES,
+    Smoothing,
+)
 
 CONTRAST_CHOICES = ("T1w", "T2w", "FLAIR")
 
@@ -171,8 +178,13 @@ def _train(a: argparse.Namespace) -> int:
 
 def _infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("session_dir", type=Path, help="preprocessed session folder (.../sub-X/ses-Y)")
-    p.add_argument("--checkpoint", type=Path, required=True,
-                   help="model.pt of `qmriflow train`, or published weights (state_dict)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="model.pt of `qmriflow train`, or published weights (state_dict); "
+                        "required except with --estimator network-free")
+    p.add_argument("--estimator", choices=tuple(ESTIMATORS), default=DEFAULT_ESTIMATOR,
+                   help="how the maps are estimated: "
+                        + "; ".join(f"{k}: {v}" for k, v in ESTIMATORS.items())
+                        + f" (default {DEFAULT_ESTIMATOR})")
     p.add_argument("--out-dir", type=Path, required=True, help="folder for the maps")
     p.add_argument("--contrasts", default="T1w,T2w,FLAIR", help="inputs fed to the network")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -192,11 +204,13 @@ def _infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoothing-guide", choices=SMOOTHING_GUIDES,
                    default=DEFAULT_SMOOTHING.guide,
                    help="what steers the smoothing's edge-preserving weights: the input "
-                        "images or the network's maps")
+                        "images or the network's maps (not with --estimator network-free)")
     p.add_argument("--no-brain-mask", action="store_true", help="keep maps outside the brain")
     p.add_argument("--no-synth", action="store_true",
                    help="skip the re-synthesised images and difference maps")
     _session_args(p)
+    # the usage error of a missing --checkpoint (required unless --estimator network-free)
+    p.set_defaults(infer_parser=p)
 
 
 @command("infer", "T1/T2/PD maps of one session with a trained relaxometry network")
@@ -205,16 +219,20 @@ def _infer(a: argparse.Namespace) -> int:
     from .ingest import session_label
     from .model.infer import infer_session
 
+    if a.checkpoint is None and a.estimator != "network-free":
+        a.infer_parser.error("the following arguments are required: --checkpoint")
     label = session_label(a.subject, a.session)
     contrasts = _contrasts(a.contrasts)
     info = _with_session(label, lambda: infer_session(
         a.session_dir, a.checkpoint, a.out_dir, subject=a.subject, session=a.session,
         contrasts=contrasts, device=a.device, precision=a.precision, batch_size=a.batch_size,
         threads=a.threads, brain_mask=not a.no_brain_mask, synth=not a.no_synth,
-        scale_bound=a.scale_bound, scaling=a.scaling, smoothing=_smoothing_of(a)))
+        scale_bound=a.scale_bound, scaling=a.scaling, smoothing=_smoothing_of(a),
+        estimator=a.estimator))
     _provenance(a, "infer", info)
     med = info["brain_median"]
-    print(f"{label}: maps from {'+'.join(contrasts)} in {info['timing_s']['total']:.1f} s "
+    print(f"{label}: {a.estimator} maps from {'+'.join(contrasts)} in "
+          f"{info['timing_s']['total']:.1f} s "
           f"(brain median T1 {med['T1_s']:.3f} s, T2 {med['T2_s'] * 1000:.1f} ms, "
           f"PD {med['PD']:.3f})")
     return 0

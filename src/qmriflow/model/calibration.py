@@ -51,8 +51,10 @@ from .. import physics
 
 __all__ = [
     "CSF_REFERENCE",
+    "DEFAULT_ESTIMATOR",
     "DEFAULT_METHOD",
     "DEFAULT_SMOOTHING",
+    "ESTIMATORS",
     "GM_REFERENCE",
     "METHODS",
     "SMOOTHING_GUIDES",
@@ -68,6 +70,7 @@ __all__ = [
     "smooth_maps",
     "tissue_masks",
     "tissue_medians",
+    "tissue_value_maps",
     "tissue_weights",
 ]
 
@@ -77,6 +80,24 @@ METHODS = ("seed", "calibrated")
 
 DEFAULT_METHOD = "calibrated"
 """The default (measured best: bench/bench_model_accuracy.py, bench/RESULTS.md)."""
+
+ESTIMATORS = {
+    "refined": "the network's maps moved onto the session's calibrated scales, made consistent "
+               "with the input images voxel by voxel (the network's maps as the prior) and "
+               "smoothed edge-preservingly",
+    "network-only": "the network's maps exactly as it outputs them (times the brain mask): no "
+                    "pinning, no data consistency, no smoothing",
+    "network-free": "no network: the session calibration's WM, GM and CSF values blended by "
+                    "smoothed dseg weights, made consistent with the input images voxel by voxel "
+                    "(those values as the prior) and smoothed edge-preservingly",
+}
+"""How the maps are estimated at inference (``qmriflow infer --estimator``): name → one-sentence
+description (recorded in the sidecars). ``network-free`` needs ``scaling: calibrated``; with
+``scaling: seed`` ``refined`` leaves the network's maps as they are (nothing to refine
+against)."""
+
+DEFAULT_ESTIMATOR = "refined"
+"""The default estimator (the others are the baselines it is benchmarked against)."""
 
 CSF_REFERENCE = {"pd": 1.0, "t1_s": 4.3, "t2_s": 2.0}
 """CSF ≈ water at 37 °C, 3 T (PD = 1 by definition; T1, T2 from the literature)."""
@@ -409,6 +430,31 @@ def tissue_weights(dseg: np.ndarray, sigma: float = 1.0,
     per-tissue quantity blends across tissue edges instead of jumping there."""
     return {t: ndimage.gaussian_filter((dseg == DSEG_LABEL[t]).astype(np.float64),
                                        (0, sigma, sigma), mode="nearest") for t in tissues}
+
+
+def tissue_value_maps(dseg: np.ndarray, targets: Mapping[str, Mapping[str, float]],
+                      mask: np.ndarray, sigma: float = 1.0,
+                      tissues: Sequence[str] = TISSUES) -> np.ndarray:
+    """Maps (S, H, W, 3) of PD, T1 (s), T2 (s) built from tissue values alone: each voxel of
+    ``mask`` (S, H, W) gets exp(Σ_t w_t·log θ_t / Σ_t w_t), the tissue values ``targets`` (tissue
+    → PD, T1 s, T2 s; e.g. the calibration's) blended by the soft in-plane weights w_t of
+    :func:`tissue_weights` (SD ``sigma`` voxels) of the tissues in both ``tissues`` and
+    ``targets``. A voxel with no tissue weight (far from every labelled tissue) gets the
+    equal-weight blend (the geometric mean of those tissues' values). Bounded to
+    :data:`LIMITS`; 0 outside ``mask``. ``dseg`` (S, H, W): 1 GM, 2 WM, 3 CSF. These are the
+    starting maps, and the prior, of the network-free estimator."""
+    use = [t for t in tissues if t in targets]
+    out = np.zeros((*dseg.shape, 3), dtype=np.float64)
+    sel = mask.astype(bool)
+    if not use or not sel.any():
+        return out
+    logs = np.log([[targets[t][p] for p in PARAMS] for t in use])  # (T, 3)
+    weights = tissue_weights(dseg, sigma, use)
+    w = np.stack([np.clip(weights[t][sel], 0.0, None) for t in use], axis=1)  # (N, T)
+    tot = w.sum(axis=1)
+    w = np.where(tot[:, None] > 1e-6, w / np.maximum(tot, 1e-300)[:, None], 1.0 / len(use))
+    out[sel] = np.exp(np.clip(w @ logs, _LOG_LO, _LOG_HI))
+    return out
 
 
 def tissue_start_table(targets: Mapping[str, Mapping[str, float]],

@@ -20,17 +20,28 @@ are written::
 
     sub-X_ses-Y_space-T2w_desc-uncertainty_{T1map,T2map,PDmap}.nii.gz   (units of the map)
 
+Three estimators (``estimator=``, CLI ``--estimator``; recorded in every sidecar as
+``Estimator``): ``refined`` (the default) is the above; ``network-only`` writes the network's
+maps exactly as it outputs them (times the brain mask: no pinning, no data consistency, no
+smoothing, no uncertainty maps); ``network-free`` runs no network: its starting maps are the
+calibration's WM/GM/CSF values blended by smoothed dseg weights
+(:func:`~qmriflow.model.calibration.tissue_value_maps`), followed by the same data
+consistency, anchoring, smoothing and uncertainty maps as ``refined`` (needs calibrated
+scaling; no checkpoint).
+
 Maps are zero outside the brain mask (as the published implementation). Re-synthesis uses
 :func:`qmriflow.physics.signal` with the session's protocol (TE correction included), the
 bounded least-squares scale over the session's head (as in training) and the histogram mode,
 so it is directly comparable with the preprocessed input (seed fig. D.1). Every sidecar names
-the checkpoint and its SHA-256, the input contrasts used and the input files.
+the estimator, the checkpoint and its SHA-256 (null without a network), the input contrasts
+used and the input files.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +52,9 @@ from .. import __version__, physics
 from ..errors import ConfigError, InputError
 from ..io import save_nifti
 from .calibration import (
+    DEFAULT_ESTIMATOR,
     DEFAULT_SMOOTHING,
+    ESTIMATORS,
     METHODS,
     PARAMS,
     TISSUES,
@@ -52,6 +65,7 @@ from .calibration import (
     scale_sensitivity,
     shift_to_tissues,
     smooth_maps,
+    tissue_value_maps,
 )
 from .checkpoint import load_model
 from .data import (
@@ -64,7 +78,7 @@ from .data import (
 from .normalise import CONTRASTS
 from .train import resolve_device, resolve_precision
 
-__all__ = ["infer_session", "map_paths", "predict_maps", "resynthesise"]
+__all__ = ["ESTIMATORS", "infer_session", "map_paths", "predict_maps", "resynthesise"]
 
 MAP_UNITS = {"T1map": "s", "T2map": "s", "PDmap": "arbitrary"}
 
@@ -140,42 +154,137 @@ def resynthesise(maps: np.ndarray, protocol: physics.Protocol, normalised: np.nd
     return (a * synth).astype(np.float32), a / ref
 
 
-def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str | Path, *,
+@dataclass(frozen=True)
+class _Network:
+    """A loaded network and where and how it runs."""
+
+    model: Any
+    meta: dict[str, Any]
+    device: torch.device
+    precision: str
+
+
+def _load_network(checkpoint: str | Path | None, device: str, precision: str,
+                  estimator: str) -> _Network:
+    """The network of ``checkpoint`` on the resolved device, with the resolved precision."""
+    if checkpoint is None:
+        raise ConfigError(f"estimator {estimator!r} needs a model checkpoint (only "
+                          "'network-free' runs without one)")
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev, inference=True)
+    model, meta = load_model(checkpoint, dev)
+    model.use_channels_last(channels_last_pays(dev, prec))
+    return _Network(model, meta, dev, prec)
+
+
+def _scaling_method(estimator: str, scaling: str | None, net: _Network | None,
+                    smoothing: Smoothing) -> str:
+    """The scaling method of the run (``seed`` or ``calibrated``), checked against the
+    estimator: ``network-free`` takes its maps from the calibration, so it needs it."""
+    if net is None:
+        method = scaling or "calibrated"
+        if method != "calibrated":
+            raise ConfigError(f"estimator 'network-free' needs scaling 'calibrated' (its maps "
+                              f"come from the session's calibration), got {method!r}")
+        if smoothing.guide == "network":
+            raise ConfigError("estimator 'network-free' has no network maps to guide the "
+                              "smoothing: use the smoothing guide 'images'")
+        return method
+    method = scaling or (net.meta.get("hyperparameters") or {}).get("scaling", "seed")
+    if method not in METHODS:
+        raise ConfigError(f"scaling must be one of {METHODS}, got {method!r}")
+    return method
+
+
+def _estimator_record(estimator: str, calibrated: bool) -> dict[str, str]:
+    """The sidecars' ``Estimator``: the name and a one-sentence description."""
+    text = ESTIMATORS[estimator]
+    if estimator == "refined" and not calibrated:
+        text = ("the network's maps as it outputs them (times the brain mask): with scaling "
+                "'seed' there are no calibrated scales to refine them against")
+    return {"Name": estimator, "Description": text}
+
+
+def _network_maps(net: _Network, sd: Any, sel: Sequence[int], masked: bool,
+                  batch_size: int) -> np.ndarray:
+    """The network's maps (S, 3, H, W) float32 (PD, T1 s, T2 s) from the inputs ``sel`` of the
+    loaded session ``sd``, times its brain mask if ``masked``."""
+    try:
+        maps = predict_maps(net.model, sd.images[:, list(sel)], device=net.device,
+                            precision=net.precision, batch_size=batch_size,
+                            mask=sd.brain if masked else None)
+    except RuntimeError as exc:
+        raise InputError(f"inference failed: {' '.join(str(exc).split())[:200]}",
+                         session=sd.label) from None
+    if not np.isfinite(maps).all():
+        raise InputError("network produced non-finite values", session=sd.label)
+    return maps
+
+
+def _tissue_maps(sd: Any, calib: Any, seg: np.ndarray) -> np.ndarray:
+    """The network-free starting maps (S, 3, H, W) float32 (PD, T1 s, T2 s): the calibration's
+    tissue values blended by smoothed dseg weights inside the brain
+    (:func:`~qmriflow.model.calibration.tissue_value_maps`), 0 outside."""
+    maps = tissue_value_maps(seg, calib.tissues, sd.brain)
+    return np.moveaxis(maps, -1, 1).astype(np.float32)
+
+
+def _estimate(estimator: str, maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
+              seg: np.ndarray | None, smoothing: Smoothing
+              ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any] | None]:
+    """The estimator's maps (S, 3, H, W) from the starting maps (the network's, or the
+    calibration's tissue values for ``network-free``), their per-voxel SDs (None where not
+    estimated) and the pinning summary (None where nothing was moved)."""
+    if estimator == "network-only" or calib is None or seg is None:
+        return maps, None, None
+    return _pin(maps, sd, calib, inputs, seg, smoothing,
+                from_network=estimator != "network-free")
+
+
+def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
+                  out_dir: str | Path, *,
                   subject: str | None = None, session: str | None = None,
                   contrasts: Sequence[str] = CONTRASTS, device: str = "auto",
                   precision: str = "auto", batch_size: int = 4, threads: int | None = None,
                   brain_mask: bool = True, synth: bool = True,
                   scale_bound: float = 0.2, scaling: str | None = None,
-                  smoothing: Smoothing = DEFAULT_SMOOTHING) -> dict[str, Any]:
+                  smoothing: Smoothing = DEFAULT_SMOOTHING,
+                  estimator: str = DEFAULT_ESTIMATOR) -> dict[str, Any]:
     """Predict and write one session's maps (see the module docstring); returns a summary.
 
+    ``estimator`` (:data:`~qmriflow.model.calibration.ESTIMATORS`): ``refined`` (default) the
+    network's maps pinned, made data-consistent and smoothed; ``network-only`` the network's
+    maps as they are (times the brain mask; no uncertainty maps); ``network-free`` no network
+    (``checkpoint`` is ignored and may be None): the calibration's tissue values blended by
+    smoothed dseg weights, then the same data consistency, anchoring, smoothing and
+    uncertainty maps as ``refined`` (needs ``scaling`` calibrated and the session's dseg; its
+    maps are zero outside the brain whatever ``brain_mask`` says).
     ``scaling``: ``seed`` or ``calibrated``; ``None`` takes the one the checkpoint was trained
-    with (``seed`` for checkpoints that do not say, e.g. published weights).
+    with (``seed`` for checkpoints that do not say, e.g. published weights; ``calibrated``
+    without a network).
     ``smoothing``: the edge-preserving smoothing of the data-consistent maps (calibrated
     scaling only; radius 0 = off), see :func:`~qmriflow.model.calibration.smooth_maps`.
     """
     t0 = time.perf_counter()
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"estimator must be one of {tuple(ESTIMATORS)}, got {estimator!r}")
     if threads:
         torch.set_num_threads(int(threads))
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev, inference=True)
     # the checkpoint first: a missing/corrupt model fails before any work
-    model, meta = load_model(checkpoint, dev)
-    model.use_channels_last(channels_last_pays(dev, prec))
+    net = (None if estimator == "network-free"
+           else _load_network(checkpoint, device, precision, estimator))
     contrasts = tuple(contrasts)
     if not contrasts or any(c not in CONTRASTS for c in contrasts):
         raise InputError(f"contrasts must be a non-empty subset of {CONTRASTS}, got {contrasts}")
-    method = scaling or (meta.get("hyperparameters") or {}).get("scaling", "seed")
-    if method not in METHODS:
-        raise ConfigError(f"scaling must be one of {METHODS}, got {method!r}")
+    method = _scaling_method(estimator, scaling, net, smoothing)
     calibrated = method == "calibrated"
+    masked = brain_mask or net is None
     # re-synthesise every contrast whose image exists, also those not fed to the network
     present = session_files(session_dir, subject, session).images
     need = tuple(c for c in CONTRASTS if c in contrasts or ((synth or calibrated)
                                                            and present[c].is_file()))
     # the head mask (and so the normalisation) from the inputs too
     sd = load_session(session_dir, subject, session, need, keep_raw=True, head_from=contrasts)
-    label = sd.label
     sel = [need.index(c) for c in contrasts]
     # calibrated from, pinned to and made consistent with the network's inputs only: a contrast
     # withheld from the network is withheld from the maps altogether (it is re-synthesised)
@@ -183,47 +292,76 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
     calib = session_calibration(sd, contrasts, seg=seg) if calibrated else None
     t_read = time.perf_counter() - t0
     t1 = time.perf_counter()
-    try:
-        maps = predict_maps(model, sd.images[:, sel], device=dev, precision=prec,
-                            batch_size=batch_size, mask=sd.brain if brain_mask else None)
-    except RuntimeError as exc:
-        raise InputError(f"inference failed: {' '.join(str(exc).split())[:200]}",
-                         session=label) from None
-    t_net = time.perf_counter() - t1
-    if not np.isfinite(maps).all():
-        raise InputError("network produced non-finite values", session=label)
-    sds = None
-    pinning: dict[str, Any] = {}
-    if calib is not None and seg is not None:
-        maps, sds, pinning = _pin(maps, sd, calib, contrasts, seg, smoothing)
-    paths = map_paths(out_dir, label)
+    if net is not None:
+        maps = _network_maps(net, sd, sel, masked, batch_size)
+        t_net: float | None = time.perf_counter() - t1
+    else:
+        assert calib is not None and seg is not None  # calibrated, checked above
+        maps, t_net = _tissue_maps(sd, calib, seg), None
+    maps, sds, pinning = _estimate(estimator, maps, sd, calib, contrasts, seg, smoothing)
+    t_est = time.perf_counter() - t1 - (t_net or 0.0)
     files = sd.files
     common = {
         "Sources": [str(files.images[c]) for c in contrasts] + [str(files.brain_mask),
                                                                 str(files.params)],
         "InputContrasts": list(contrasts),
-        "ModelCheckpoint": str(meta["path"]),
-        "ModelCheckpointSHA256": meta["sha256"],
-        "ModelWidth": meta["width"],
-        "ModelEpoch": meta.get("epoch"),
+        "ModelCheckpoint": None if net is None else str(net.meta["path"]),
+        "ModelCheckpointSHA256": None if net is None else net.meta["sha256"],
+        "ModelWidth": None if net is None else net.meta["width"],
+        "ModelEpoch": None if net is None else net.meta.get("epoch"),
         "Normalisation": {"method": "histogram mode of the head (512 bins, percentile window)",
                           "modes": {c: sd.modes[c] for c in contrasts}},
-        "MaskedBy": str(files.brain_mask) if brain_mask else None,
-        "Precision": prec,
-        "Device": str(dev),
+        "MaskedBy": str(files.brain_mask) if masked else None,
+        "Precision": None if net is None else net.precision,
+        "Device": None if net is None else str(net.device),
+        "Estimator": _estimator_record(estimator, calibrated),
         "Scaling": {"method": method, **({"calibration": calib.as_dict(), "pinning": pinning,
                                            "Segmentation": str(files.dseg)} if calib else {})},
         "GeneratedBy": {"Name": "qmriflow", "Version": __version__},
     }
-    affine = sd.affine
+    paths = map_paths(out_dir, sd.label)
+    written = _write_maps(paths, maps, sds, sd.affine, common, _MADE_BY.get(estimator, _NETWORK))
+    scales: dict[str, float] = {}
+    if synth:
+        written += _write_synth(paths, maps, sd, need, contrasts, calib, scale_bound, masked,
+                                common, scales)
+    brain = sd.brain
+    return {
+        "session": sd.label, "contrasts": list(contrasts), "estimator": estimator,
+        "checkpoint": common["ModelCheckpoint"], "checkpoint_sha256":
+            common["ModelCheckpointSHA256"], "precision": common["Precision"],
+        "device": common["Device"], "n_slices": int(maps.shape[0]), "outputs": written,
+        "brain_median": {k: float(np.median(maps[:, ch][brain])) if brain.any() else None
+                         for ch, k in enumerate(("PD", "T1_s", "T2_s"))},
+        "scale_relative_to_reference": scales,
+        "scaling": method,
+        "calibration": None if calib is None else calib.as_dict(),
+        "timing_s": {"read": round(t_read, 3),
+                     "network": None if t_net is None else round(t_net, 3),
+                     "estimate": round(t_est, 3),
+                     "total": round(time.perf_counter() - t0, 3)},
+    }
+
+
+_NETWORK = "qmriflow, seed 000 self-supervised network"
+_MADE_BY = {"network-free": "qmriflow, network-free: calibrated tissue values made "
+                            "data-consistent"}
+"""What made the maps, in their sidecars' ``Description`` (by estimator; default
+:data:`_NETWORK`)."""
+
+
+def _write_maps(paths: dict[str, Path], maps: np.ndarray, sds: np.ndarray | None,
+                affine: np.ndarray, common: dict[str, Any], made_by: str) -> list[str]:
+    """Write the maps (S, 3, H, W: PD, T1 s, T2 s) and, if given, their SDs, with sidecars;
+    returns the paths written."""
     written: list[str] = []
     desc = {"T1map": "longitudinal relaxation time T1", "T2map": "transverse relaxation time T2",
             "PDmap": "proton density relative to water"}
     for ch, key in enumerate(("PDmap", "T1map", "T2map")):
         vol = np.moveaxis(maps[:, ch], 0, 2)
         save_nifti(paths[key], vol, affine, {"Units": MAP_UNITS[key],
-                                             "Description": f"{desc[key]} (qmriflow, seed 000 "
-                                                            "self-supervised network)", **common})
+                                             "Description": f"{desc[key]} ({made_by})",
+                                             **common})
         written.append(str(paths[key]))
         if sds is not None:
             save_nifti(paths[f"sd_{key}"], np.moveaxis(sds[:, ch], 0, 2), affine, {
@@ -232,42 +370,38 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path, out_dir: str 
                                "of the calibrated per-contrast scales (the free directions of "
                                "the problem): where this is large, the value is soft", **common})
             written.append(str(paths[f"sd_{key}"]))
-    scales = {}
-    if synth:
-        for ci, c in enumerate(need):
-            proto = sd.protocols[c]
-            img, rel = resynthesise(maps, proto, sd.images[:, ci], sd.head, scale_bound,
-                                    None if calib is None else calib.scales.get(c))
-            scales[c] = rel
-            mode = sd.modes[c]
-            synth_in = np.moveaxis(img, 0, 2) * np.float32(mode)
-            raw = sd.raw[c]
-            valid = np.moveaxis(sd.brain if brain_mask else sd.head, 0, 2) & (raw > 0.05 * mode)
-            diff = np.zeros_like(raw, dtype=np.float32)
-            diff[valid] = 100.0 * (synth_in[valid] - raw[valid]) / raw[valid]
-            side = {"Units": "same as the preprocessed input",
-                    "Description": f"{c} re-synthesised from the maps with physics.signal",
-                    "Protocol": proto.as_dict(), "ScaleRelativeToWMReference": rel,
-                    "InputUsedForMaps": c in contrasts, **common}
-            save_nifti(paths[f"synth_{c}"], synth_in, affine, side)
-            save_nifti(paths[f"synthdiff_{c}"], diff, affine,
-                       {"Units": "percent", "Description": f"100*(synthesised - input)/input "
-                                                           f"for {c} inside the mask", **common})
-            written += [str(paths[f"synth_{c}"]), str(paths[f"synthdiff_{c}"])]
-    brain = sd.brain
-    summary = {
-        "session": label, "contrasts": list(contrasts), "checkpoint": str(meta["path"]),
-        "checkpoint_sha256": meta["sha256"], "precision": prec, "device": str(dev),
-        "n_slices": int(maps.shape[0]), "outputs": written,
-        "brain_median": {k: float(np.median(maps[:, ch][brain])) if brain.any() else None
-                         for ch, k in enumerate(("PD", "T1_s", "T2_s"))},
-        "scale_relative_to_reference": scales,
-        "scaling": method,
-        "calibration": None if calib is None else calib.as_dict(),
-        "timing_s": {"read": round(t_read, 3), "network": round(t_net, 3),
-                     "total": round(time.perf_counter() - t0, 3)},
-    }
-    return summary
+    return written
+
+
+def _write_synth(paths: dict[str, Path], maps: np.ndarray, sd: Any, need: Sequence[str],
+                 inputs: Sequence[str], calib: Any, scale_bound: float, masked: bool,
+                 common: dict[str, Any], scales: dict[str, float]) -> list[str]:
+    """Re-synthesise every contrast of ``need`` from the maps (with the calibrated scale where
+    there is one, else the bounded LS scale) and write it (input units) and its difference
+    with the input (%, inside the brain if ``masked``, else the head); fills ``scales``
+    (contrast → scale relative to the WM reference) and returns the paths written."""
+    written: list[str] = []
+    for ci, c in enumerate(need):
+        proto = sd.protocols[c]
+        img, rel = resynthesise(maps, proto, sd.images[:, ci], sd.head, scale_bound,
+                                None if calib is None else calib.scales.get(c))
+        scales[c] = rel
+        mode = sd.modes[c]
+        synth_in = np.moveaxis(img, 0, 2) * np.float32(mode)
+        raw = sd.raw[c]
+        valid = np.moveaxis(sd.brain if masked else sd.head, 0, 2) & (raw > 0.05 * mode)
+        diff = np.zeros_like(raw, dtype=np.float32)
+        diff[valid] = 100.0 * (synth_in[valid] - raw[valid]) / raw[valid]
+        side = {"Units": "same as the preprocessed input",
+                "Description": f"{c} re-synthesised from the maps with physics.signal",
+                "Protocol": proto.as_dict(), "ScaleRelativeToWMReference": rel,
+                "InputUsedForMaps": c in inputs, **common}
+        save_nifti(paths[f"synth_{c}"], synth_in, sd.affine, side)
+        save_nifti(paths[f"synthdiff_{c}"], diff, sd.affine,
+                   {"Units": "percent", "Description": f"100*(synthesised - input)/input "
+                                                       f"for {c} inside the mask", **common})
+        written += [str(paths[f"synth_{c}"]), str(paths[f"synthdiff_{c}"])]
+    return written
 
 
 def _to_log_maps(maps: np.ndarray) -> np.ndarray:
@@ -275,23 +409,15 @@ def _to_log_maps(maps: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(np.asarray(maps, dtype=np.float64), 1e-6))
 
 
-def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str], seg: np.ndarray,
-         smoothing: Smoothing = DEFAULT_SMOOTHING
-         ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Move the network's maps (S, 3, H, W) onto the calibrated scales, then make them
-    consistent with the input images under those scales (the network as prior); with fewer
-    than three inputs, set their level along the directions the inputs leave open from the
-    calibration's tissue values and make them consistent again; smooth the result
-    edge-preservingly (``smoothing``; radius 0 = off), guided by the input images or the
-    network's maps. ``seg``: the session's dseg (S, H, W), which also chooses between the
-    data-consistent branches of WM/GM voxels (see :func:`refine_maps`). Returns the maps, their
-    per-voxel SDs (S, 3, H, W) and a summary."""
-    inputs = tuple(inputs)
-    protos = [sd.protocols[c] for c in inputs]
-    brain = sd.brain & np.all(maps > 0, axis=1)
+def _pin_to_scales(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
+                   brain: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Move the network's maps (S, 3, H, W) along the degenerate family onto the calibrated
+    scales: per input, the log-ratio of the LS scale the maps imply over ``brain`` to the
+    calibrated one (:func:`~qmriflow.model.calibration.pin_maps`). Returns the moved maps
+    (S, H, W, 3) and a summary (with those log-shifts)."""
     shifts = {}
-    for ci, c in enumerate(inputs):
-        f = _signal_of(maps, protos[ci])
+    for c in inputs:
+        f = _signal_of(maps, sd.protocols[c])
         img = sd.images[:, sd.contrasts.index(c)].astype(np.float64)
         m = (brain & (img > 0)).astype(np.float64)
         implied = float(physics.ls_global_scale(f, img, m))
@@ -299,12 +425,23 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str], seg: np.n
             raise InputError(f"cannot relate the maps to the {c} image (no signal in the brain)",
                              session=sd.label)
         shifts[c] = float(np.log(implied / calib.scales[c]))
-    moved, info = pin_maps(np.moveaxis(maps, 1, -1), brain, protos,
+    moved, info = pin_maps(np.moveaxis(maps, 1, -1), brain, [sd.protocols[c] for c in inputs],
                            [shifts[c] for c in inputs])
-    idx = [sd.contrasts.index(c) for c in inputs]
-    images = np.moveaxis(sd.images[:, idx], 1, -1)
+    return moved, {**info, "log_shift": shifts}
+
+
+def _consistent(start: np.ndarray, brain: np.ndarray, sd: Any, calib: Any,
+                inputs: Sequence[str], images: np.ndarray, seg: np.ndarray
+                ) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+    """Make the starting maps (S, H, W, 3) consistent with the ``images`` (S, H, W, C) of the
+    ``inputs`` under the calibrated scales, the starting maps as the prior
+    (:func:`~qmriflow.model.calibration.refine_maps`, restarts from the calibration's tissue
+    values, FLAIR branch chosen by ``seg``); with fewer than three inputs, set the level along
+    the direction they leave open from the calibration and make the maps consistent again.
+    Returns the maps (S, H, W, 3) and the anchoring's and the data consistency's summaries."""
+    protos = [sd.protocols[c] for c in inputs]
     scales = [calib.scales[c] for c in inputs]
-    # where the descent from the network's value stalls (values pinned at the limits), the
+    # where the descent from the starting value stalls (values pinned at the limits), the
     # data consistency restarts from the calibration's tissue values
     starts = [tuple(calib.tissues[t][p] for p in PARAMS) for t in TISSUES if t in calib.tissues]
     # WM/GM voxels on the FLAIR's CSF-like branch are moved to their tissue's branch where
@@ -313,40 +450,78 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str], seg: np.n
     anchor: dict[str, Any] = {"applied": False, "contrasts": len(inputs)}
     if len(inputs) < 3:
         # a contrast withheld: the inputs leave each voxel a direction they do not determine,
-        # and the network's guess along it is unreliable. (1) the network's maps, shifted per
+        # and the network's guess along it is unreliable. (1) the starting maps, shifted per
         # tissue to the calibration's tissue values, become the prior of the data consistency
         # (robust to a far-off guess); (2) the result is moved along the open direction so its
         # tissue means match the calibration (per tissue, blended across edges) and made
         # consistent with the data again (the move is large enough to matter at second order)
         voxels, weights = session_tissue_voxels(sd, inputs, seg=seg)
-        prior, shift = shift_to_tissues(moved, brain, voxels, calib.tissues, weights)
+        prior, shift = shift_to_tissues(start, brain, voxels, calib.tissues, weights)
         refined, _ = refine_maps(prior, brain, protos, images, scales, starts=starts,
                                  **branch)
         anchored, anchor = anchor_free_directions(refined, brain, protos, voxels,
                                                   calib.tissues, weights)
         anchor["prior_shift"] = shift
         refined, refine = refine_maps(anchored, brain, protos, images, scales,
-                                     starts=starts, **branch)
+                                      starts=starts, **branch)
     else:
-        refined, refine = refine_maps(moved, brain, protos, images, scales, starts=starts,
-                                     **branch)
-    # edge-preserving smoothing of the result, steered by the inputs' (or the network's) edges
+        refined, refine = refine_maps(start, brain, protos, images, scales, starts=starts,
+                                      **branch)
+    return refined, anchor, refine
+
+
+def _smooth(maps: np.ndarray, brain: np.ndarray, images: np.ndarray, start: np.ndarray,
+            smoothing: Smoothing, inputs: Sequence[str], from_network: bool
+            ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Edge-preserving smoothing of the maps (S, H, W, 3) inside ``brain``, steered by the log
+    of the input ``images`` (S, H, W, C) or of the starting maps (S, H, W, 3: the pinned
+    network maps); radius 0 = off. Returns the maps and the settings' record."""
     if smoothing.radius > 0:
         guide = (np.log(np.maximum(images.astype(np.float64), 1e-3))
-                 if smoothing.guide == "images" else _to_log_maps(moved))  # pinned network maps
-        refined = smooth_maps(refined, brain, guide, radius=smoothing.radius,
-                              sigma_space=smoothing.sigma_space,
-                              sigma_range=smoothing.sigma_range,
-                              sigma_value=smoothing.sigma_value)
-    moved = refined
-    refine["smoothing"] = {"radius": smoothing.radius,
-                           "sigma_space_voxels": smoothing.sigma_space,
-                           "sigma_range_log": smoothing.sigma_range,
-                           "sigma_value_log": smoothing.sigma_value,
-                           "guide": ("log of the mode-normalised inputs "
-                                     + "+".join(inputs) if smoothing.guide == "images"
-                                     else "log of the network's maps")}
-    sds = scale_sensitivity(moved, brain, protos, np.asarray(calib.log_cov))
-    info = {**info, "log_shift": shifts, "anchor": anchor, "refine": refine}
-    return (np.moveaxis(moved, -1, 1).astype(np.float32),
+                 if smoothing.guide == "images" else _to_log_maps(start))
+        maps = smooth_maps(maps, brain, guide, radius=smoothing.radius,
+                           sigma_space=smoothing.sigma_space,
+                           sigma_range=smoothing.sigma_range,
+                           sigma_value=smoothing.sigma_value)
+    return maps, {"radius": smoothing.radius,
+                  "sigma_space_voxels": smoothing.sigma_space,
+                  "sigma_range_log": smoothing.sigma_range,
+                  "sigma_value_log": smoothing.sigma_value,
+                  "guide": ("log of the mode-normalised inputs " + "+".join(inputs)
+                            if smoothing.guide == "images"
+                            else "log of the network's maps" if from_network
+                            else "log of the starting maps")}
+
+
+def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str], seg: np.ndarray,
+         smoothing: Smoothing = DEFAULT_SMOOTHING, *, from_network: bool = True
+         ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The calibrated estimate from starting maps (S, 3, H, W): with ``from_network`` they are
+    the network's, and are first moved onto the calibrated scales (:func:`_pin_to_scales`);
+    without, they are already on them (the calibration's tissue values of the network-free
+    estimator) and start as they are. Then made consistent with the input images under those
+    scales, the starting maps as the prior; with fewer than three inputs, set at the
+    calibration's level along the directions the inputs leave open and made consistent again
+    (:func:`_consistent`); smoothed edge-preservingly (``smoothing``; radius 0 = off), guided
+    by the input images or the starting maps (:func:`_smooth`). ``seg``: the session's dseg
+    (S, H, W), which also chooses between the data-consistent branches of WM/GM voxels (see
+    :func:`~qmriflow.model.calibration.refine_maps`). Returns the maps, their per-voxel SDs
+    (S, 3, H, W) from the scales' posterior covariance and a summary."""
+    inputs = tuple(inputs)
+    brain = sd.brain & np.all(maps > 0, axis=1)
+    if from_network:
+        start, info = _pin_to_scales(maps, sd, calib, inputs, brain)
+    else:
+        start, info = np.moveaxis(maps, 1, -1), {
+            "pinned": False, "start": "the calibration's tissue values blended by smoothed "
+                                      "dseg weights (on the calibrated scales as they are)"}
+    idx = [sd.contrasts.index(c) for c in inputs]
+    images = np.moveaxis(sd.images[:, idx], 1, -1)
+    refined, anchor, refine = _consistent(start, brain, sd, calib, inputs, images, seg)
+    refined, refine["smoothing"] = _smooth(refined, brain, images, start, smoothing, inputs,
+                                           from_network)
+    sds = scale_sensitivity(refined, brain, [sd.protocols[c] for c in inputs],
+                            np.asarray(calib.log_cov))
+    info = {**info, "anchor": anchor, "refine": refine}
+    return (np.moveaxis(refined, -1, 1).astype(np.float32),
             np.moveaxis(sds, -1, 1).astype(np.float32), info)
