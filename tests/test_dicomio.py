@@ -9,7 +9,13 @@ import pydicom
 import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
 
-from qmriflow.phantom.dicomio import DicomSeriesInfo, write_dicom_series
+from qmriflow.phantom.dicomio import (
+    PHILIPS_PRIVATE_CREATOR,
+    DicomSeriesInfo,
+    PhilipsScaling,
+    read_philips_scaling,
+    write_dicom_series,
+)
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -112,6 +118,53 @@ def test_quantisation_uses_one_series_slope(tmp_path):
     # stored * slope is exactly the returned dequantised volume
     stored = np.stack([ds.pixel_array.T for ds in _read(info)], axis=-1)
     np.testing.assert_array_equal(stored * info.rescale_slope, info.dequantised)
+
+
+def test_philips_scaling_stores_fp_with_private_scale_slope(tmp_path):
+    """SV = round(FP·SS); DV = SV·RS + RI; FP = DV / (RS·SS) with SS in (2005,100E)."""
+    fp = _volume((14, 10, 4), scale=517.3) + 3.0
+    info = write_dicom_series(tmp_path / "p", fp, oblique_affine(), header=HEADER,
+                              uid_seed="p", philips=PhilipsScaling(rescale_slope=2.37, fill=0.8))
+    ss = info.scale_slope
+    assert ss == pytest.approx(0.8 * 4095 / fp.max(), rel=1e-6)
+    assert ss == float(np.float32(ss))  # what the FL element holds
+    assert (info.rescale_slope, info.rescale_intercept) == (2.37, 0.0)
+    stored = np.stack([d.pixel_array.T for d in _read(info)], axis=-1)
+    assert stored.max() == round(0.8 * 4095)
+    np.testing.assert_array_equal(stored * 2.37, info.dequantised)  # DV
+    np.testing.assert_allclose(info.floating, stored / ss, rtol=1e-15)
+    assert np.abs(info.floating - fp).max() <= 0.5 / ss + 1e-9  # FP to half a stored step
+    for ds in _read(info):
+        assert ds[0x2005, 0x0010].value == PHILIPS_PRIVATE_CREATOR
+        assert ds[0x2005, 0x100E].VR == "FL" and ds[0x2005, 0x100E].value == ss
+        rs, ri, ss_read = read_philips_scaling(ds)
+        assert (rs, ri, ss_read) == (2.37, 0.0, ss)
+        dv = ds.pixel_array * rs + ri
+        np.testing.assert_allclose(dv / (rs * ss_read),
+                                   info.floating[:, :, int(ds.InstanceNumber) - 1].T)
+    # an explicit scale slope is used as given; the default writes no private scale slope
+    info2 = write_dicom_series(tmp_path / "p2", fp, np.eye(4), header={},
+                               philips=PhilipsScaling(rescale_slope=1.0, scale_slope=4.0))
+    assert info2.scale_slope == 4.0
+    plain = write_dicom_series(tmp_path / "p3", fp, np.eye(4), header={})
+    assert plain.scale_slope is None and plain.floating is None
+    assert read_philips_scaling(pydicom.dcmread(plain.files[0]))[2] is None
+
+
+@pytest.mark.parametrize(
+    ("scaling", "match"),
+    [
+        (PhilipsScaling(rescale_slope=0.0), "rescale slope"),
+        (PhilipsScaling(rescale_slope=1.0, fill=1.5), "fill"),
+        (PhilipsScaling(rescale_slope=1.0, scale_slope=-1.0), "scale slope"),
+        (PhilipsScaling(rescale_slope=1.0, scale_slope=100.0), "max_stored"),
+    ],
+)
+def test_philips_scaling_rejects_bad_values(tmp_path, scaling, match):
+    with pytest.raises(ValueError, match=match):
+        write_dicom_series(tmp_path / "bad", np.full((4, 4, 2), 50.0), np.eye(4), header={},
+                           philips=scaling)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_all_zero_volume_and_custom_max_stored(tmp_path):

@@ -54,6 +54,25 @@ def _phantom_args(p: argparse.ArgumentParser) -> None:
                         "reference (e.g. 0.2); default: N(0, 3 %%) variation")
     p.add_argument("--spatial-variation", type=float, default=0.03, metavar="F",
                    help="SD of the smooth within-tissue variation of PD, T1, T2 (default 0.03)")
+    p.add_argument("--clusters", type=int, default=0, metavar="K",
+                   help="assign sessions round robin to protocol clusters 0..K-1, each with a "
+                        "fixed scanner model; default 0: cluster and scanner drawn at random")
+    p.add_argument("--gain-model", choices=["independent", "protocol"], default="independent",
+                   help="scanner FP gains: independent per series (default), or fixed "
+                        "per-cluster role ratios x a session gain x per-series jitter")
+    p.add_argument("--gain-jitter", type=float, default=0.03, metavar="SD",
+                   help="log-SD of the per-series gain jitter of --gain-model protocol "
+                        "(default 0.03)")
+    p.add_argument("--tissue-table", choices=["seed", "independent"], default="seed",
+                   help="reference tissue values: 'seed' (= the estimator's priors, default) or "
+                        "'independent' (Stanisz et al. 2005 WM/GM relaxation)")
+    p.add_argument("--global-shift", type=float, default=0.0, metavar="G",
+                   help="per subject, multiply brain-tissue T1 and T2 by two factors drawn "
+                        "uniformly in [1-G, 1+G] (0 <= G < 0.5; default 0)")
+    p.add_argument("--mismatch", choices=["on", "off"], default="off",
+                   help="on: images from the scanner forward model the estimator does not "
+                        "share (EPG echo trains, MT, B1+, T2*, compartment partial volume); "
+                        "off (default): the estimator's own equations (unit tests)")
 
 
 @command("phantom", "generate a digital brain phantom DICOM archive with ground truth")
@@ -64,7 +83,9 @@ def _phantom(a: argparse.Namespace) -> int:
     m = generate_archive(a.out, PhantomOptions(
         subjects=a.subjects, sessions=a.sessions, size=a.size, seed=a.seed, cse=a.cse,
         snr=a.snr, workers=a.workers, tissue_range=a.tissue_range,
-        spatial_variation=a.spatial_variation,
+        spatial_variation=a.spatial_variation, clusters=a.clusters, gain_model=a.gain_model,
+        gain_jitter=a.gain_jitter, tissue_table=a.tissue_table, global_shift=a.global_shift,
+        mismatch=a.mismatch == "on",
     ))
     print(f"wrote {len(m['series'])} series for {a.subjects} subject(s) x {a.sessions} "
           f"session(s) to {a.out} in {m['seconds']:.1f} s")

@@ -2,7 +2,19 @@
 
 The files look like what a Philips 3 T scanner exports: uint16 pixels with 12 stored bits,
 one series-wide ``RescaleSlope``, magnitude ``ImageType``, MR Image Storage SOP class,
-Explicit VR Little Endian with a proper preamble. Geometry follows the DICOM patient
+Explicit VR Little Endian with a proper preamble.
+
+Intensity scaling. By default the volume is the displayed value and is quantised with one
+series-wide ``RescaleSlope`` = max / 4095. With :class:`PhilipsScaling` the volume is the
+scanner's floating-point value instead and the three Philips scalings are written as a Philips
+console does (Chenevert et al., Transl. Oncol. 2014, PMC3998685; dcm2niix's Philips notes)::
+
+    DV = SV · RS + RI          RS, RI: RescaleSlope (0028,1053), RescaleIntercept (0028,1052)
+    FP = DV / (RS · SS)        SS: private ScaleSlope (2005,100E, VR FL), private creator
+                               "Philips MR Imaging DD 001" at (2005,0010)
+
+with SV the stored uint16 value, DV the value the console displays and FP the floating-point
+value that is comparable between the series of one examination. Geometry follows the DICOM patient
 coordinate system (LPS) and is derived from a NIfTI/nibabel affine (RAS+), so that
 ``dcm2niix`` turns the series back into a NIfTI whose affine places every voxel where the
 input affine did.
@@ -36,7 +48,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-__all__ = ["GYROMAGNETIC_MHZ_PER_T", "DicomSeriesInfo", "write_dicom_series"]
+__all__ = [
+    "GYROMAGNETIC_MHZ_PER_T",
+    "PHILIPS_PRIVATE_CREATOR",
+    "DicomSeriesInfo",
+    "PhilipsScaling",
+    "read_philips_scaling",
+    "write_dicom_series",
+]
 
 #: Proton gyromagnetic ratio / 2π in MHz/T (ImagingFrequency = this × B0).
 GYROMAGNETIC_MHZ_PER_T = 42.577478
@@ -44,6 +63,13 @@ GYROMAGNETIC_MHZ_PER_T = 42.577478
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 _FILE_RE = re.compile(r"^IM_\d+\.dcm$")
 _PIXEL_DATA_TAG = 0x7FE00010
+
+#: Private creator of the Philips MR block that holds ScaleIntercept (2005,100D) and
+#: ScaleSlope (2005,100E) when reserved at (2005,0010), as Philips classic MR DICOM does.
+PHILIPS_PRIVATE_CREATOR = "Philips MR Imaging DD 001"
+_PHILIPS_GROUP = 0x2005
+_PHILIPS_SCALE_INTERCEPT = 0x0D  # element offset in the private block: (2005,xx0D)
+_PHILIPS_SCALE_SLOPE = 0x0E  # (2005,xx0E)
 
 # Elements whose value this module computes; the caller may not supply them.
 _RESERVED = frozenset({
@@ -79,12 +105,32 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+@dataclass(frozen=True)
+class PhilipsScaling:
+    """Write the Philips stored/displayed/floating-point scalings (see the module docstring).
+
+    ``rescale_slope``: RS, displayed value per stored unit (dimensionless, > 0); Philips
+    consoles write values of order 0.5–5 that differ between series. ``fill``: the largest
+    floating-point value of the series is stored as ``fill · max_stored`` (0 < fill ≤ 1), which
+    sets the private scale slope SS = fill · max_stored / max(FP). ``scale_slope``: SS given
+    explicitly instead (``fill`` is then ignored); the volume must fit, max(FP)·SS ≤
+    max_stored. RescaleIntercept is always 0 (magnitude images).
+    """
+
+    rescale_slope: float
+    fill: float = 1.0
+    scale_slope: float | None = None
+
+
 @dataclass
 class DicomSeriesInfo:
     """What :func:`write_dicom_series` wrote.
 
-    ``dequantised`` is the float image the DICOM pixels represent
+    ``dequantised`` is the displayed value (DV) the DICOM pixels represent
     (``stored * rescale_slope + rescale_intercept``), same shape as the input volume.
+    With Philips scaling, ``scale_slope`` is the private ScaleSlope SS (as stored, float32)
+    and ``floating`` the floating-point value FP = DV / (RS · SS) the pixels represent;
+    without it both are ``None``.
     """
 
     files: list[Path]
@@ -93,6 +139,8 @@ class DicomSeriesInfo:
     dequantised: np.ndarray
     series_instance_uid: str
     study_instance_uid: str
+    scale_slope: float | None = None
+    floating: np.ndarray | None = None
 
 
 def _ds(value: float) -> str:
@@ -193,6 +241,7 @@ def write_dicom_series(
     echo_times_ms: Sequence[float] | None = None,
     max_stored: int = 4095,
     uid_seed: str = "",
+    philips: PhilipsScaling | None = None,
 ) -> DicomSeriesInfo:
     """Write ``volume`` as one MR DICOM series in ``out_dir`` (``IM_0001.dcm``, ...).
 
@@ -225,6 +274,11 @@ def write_dicom_series(
         series, the image content), so the same inputs always give the same archive.
         ``StudyInstanceUID`` / ``FrameOfReferenceUID`` in ``header`` take precedence;
         series written with the same seed and same patient/study header share one study.
+    philips
+        ``None`` (default): ``volume`` is the displayed value, stored with RescaleSlope =
+        max / ``max_stored``. A :class:`PhilipsScaling`: ``volume`` is the floating-point value
+        FP; the series is stored as SV = round(FP · SS) with the given RS, RI = 0 and the
+        private ScaleSlope SS (2005,100E) under its private creator, as a Philips scanner does.
     """
     out_dir = Path(out_dir)
     vol = np.asarray(volume)
@@ -267,9 +321,19 @@ def write_dicom_series(
 
     # --- quantisation: one series-wide slope, intercept 0 --------------------------------
     vmax = float(vol4.max())
-    slope_str = _ds(vmax / max_stored) if vmax > 0 else "1.0"
-    slope = float(slope_str)
-    stored = np.clip(np.rint(vol4 / slope), 0, max_stored).astype("<u2")
+    scale_slope: float | None = None
+    floating: np.ndarray | None = None
+    if philips is None:
+        slope_str = _ds(vmax / max_stored) if vmax > 0 else "1.0"
+        slope = float(slope_str)
+        stored = np.clip(np.rint(vol4 / slope), 0, max_stored).astype("<u2")
+    else:
+        slope_str, scale_slope = _philips_slopes(philips, vmax, max_stored)
+        slope = float(slope_str)
+        stored = np.clip(np.rint(vol4 * scale_slope), 0, max_stored).astype("<u2")
+        floating = stored.astype(np.float64) / scale_slope
+        if not four_d:
+            floating = floating[..., 0]
     dequantised = stored.astype(np.float64) * slope
     if not four_d:
         dequantised = dequantised[..., 0]
@@ -328,6 +392,10 @@ def write_dicom_series(
     ds.RescaleIntercept = "0"
     ds.RescaleSlope = slope_str
     ds.RescaleType = "US"
+    if scale_slope is not None:
+        block = ds.private_block(_PHILIPS_GROUP, PHILIPS_PRIVATE_CREATOR, create=True)
+        block.add_new(_PHILIPS_SCALE_INTERCEPT, "FL", 0.0)
+        block.add_new(_PHILIPS_SCALE_SLOPE, "FL", scale_slope)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
@@ -374,4 +442,41 @@ def write_dicom_series(
         dequantised=dequantised,
         series_instance_uid=series_uid,
         study_instance_uid=study_uid,
+        scale_slope=scale_slope,
+        floating=floating,
     )
+
+
+def _philips_slopes(philips: PhilipsScaling, fp_max: float, max_stored: int) -> tuple[str, float]:
+    """(RS as its DS string, SS as stored in a float32 FL element) for a series whose largest
+    floating-point value is ``fp_max``."""
+    rs = float(philips.rescale_slope)
+    if not (np.isfinite(rs) and rs > 0):
+        raise ValueError(f"Philips rescale slope must be positive, got {philips.rescale_slope!r}")
+    rs_str = _ds(rs)
+    if philips.scale_slope is not None:
+        ss = float(np.float32(philips.scale_slope))
+        if not (np.isfinite(ss) and ss > 0):
+            raise ValueError(f"Philips scale slope must be positive, got {philips.scale_slope!r}")
+        if fp_max * ss > max_stored + 0.5:
+            raise ValueError(f"Philips scale slope {ss:g} stores the maximum {fp_max:g} as "
+                             f"{fp_max * ss:.0f}, above max_stored {max_stored}")
+        return rs_str, ss
+    fill = float(philips.fill)
+    if not 0 < fill <= 1:
+        raise ValueError(f"Philips fill must be in (0, 1], got {philips.fill!r}")
+    ss = float(np.float32(fill * max_stored / fp_max)) if fp_max > 0 else 1.0
+    return rs_str, ss
+
+
+def read_philips_scaling(ds: Dataset) -> tuple[float, float, float | None]:
+    """(RS, RI, SS) of one image: RescaleSlope, RescaleIntercept and the private Philips
+    ScaleSlope (``None`` when the image has none). FP = (SV · RS + RI) / (RS · SS)."""
+    rs = float(ds.get("RescaleSlope", 1.0))
+    ri = float(ds.get("RescaleIntercept", 0.0))
+    try:
+        block = ds.private_block(_PHILIPS_GROUP, PHILIPS_PRIVATE_CREATOR)
+        ss: float | None = float(block[_PHILIPS_SCALE_SLOPE].value)
+    except KeyError:
+        ss = None
+    return rs, ri, ss

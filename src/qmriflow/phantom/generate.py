@@ -8,9 +8,30 @@ Layout::
     OUT/truth/<subject>/subject.json                                        (tissues, lesions)
     OUT/manifest.json, OUT/manifest.tsv                                      (every series)
 
-For every series the noise-free image is exactly ``qmriflow.physics.signal(protocol, PD, T1,
-T2)`` of the truth maps stored beside it (computed from the float32 maps as stored); the
-stored DICOM is ``quantise(|scale · bias · noisefree + complex Gaussian noise|)``.
+For every series the noise-free image is, with ``mismatch`` off (the default), exactly
+``qmriflow.physics.signal(protocol, PD, T1, T2)`` of the truth maps stored beside it (computed
+from the float32 maps as stored) — the estimator's own equations, for unit tests of the
+inversion; with ``mismatch`` on it comes from the scanner forward model
+(:mod:`qmriflow.phantom.scanner`: echo trains, magnetisation transfer, B1+, T2*, compartment
+partial volume and through-slice integration), which the estimator does not share; the truth
+maps are then the voxels' proton-weighted parameters. The
+scanner's floating-point image (Philips "FP" value) is ``|gain · bias · noisefree + complex
+Gaussian noise|``; the gain follows ``PhantomOptions.gain_model`` (see
+:mod:`qmriflow.phantom.protocols`). It is stored as a Philips scanner does: stored value SV =
+round(FP · SS), display value DV = SV · RS + RI, FP = DV / (RS · SS), with RescaleSlope RS
+(0028,1053), RescaleIntercept RI = 0 (0028,1052) and the private ScaleSlope SS (2005,100E).
+
+dcm2niix (the PyPI wheel the pipeline runs, v1.0.20260724, without ``-p``, i.e. its default
+``-p y``) converts such a series to FP: NIfTI scl_slope = 1/SS, sidecar
+``UsePhilipsFloatNotDisplayScaling: 1`` with ``PhilipsRescaleSlope`` RS,
+``PhilipsRescaleIntercept`` 0 and ``PhilipsScaleSlope`` SS; with ``-p n`` it writes DV
+(scl_slope = RS, ``UsePhilipsFloatNotDisplayScaling: 0``). Hence, per manifest row:
+
+* ``gain``: the FP gain; ``gain_components``: how it was made;
+* ``global_scale``: the pipeline's default conversion (FP) is global_scale × bias × noisefree +
+  noise, so ``global_scale == gain``; ``noise_sigma`` is in the same (FP) units;
+* ``display_scale`` = gain · RS · SS: the same for a ``-p n`` (DV) conversion, whose noise SD
+  is noise_sigma · RS · SS.
 """
 
 from __future__ import annotations
@@ -31,13 +52,38 @@ from ..errors import InputError
 from ..io import save_nifti, write_json
 from ..physics import signal
 from .anatomy import SubjectAnatomy, build_subject
-from .protocols import SeriesProtocol, draw_scanner, draw_session_protocols
+from .dicomio import PhilipsScaling
+from .protocols import (
+    CLUSTERS,
+    GAIN_MODELS,
+    GAIN_ROLES,
+    SeriesProtocol,
+    assigned_cluster,
+    cluster_gain_ratios,
+    cluster_scanner,
+    draw_philips_scaling,
+    draw_scanner,
+    draw_session_gain,
+    draw_session_protocols,
+)
+from .scanner import (
+    ALL_EFFECTS,
+    B1Field,
+    ScannerEffects,
+    SeriesPhysics,
+    draw_b1_field,
+    draw_series_physics,
+    noisefree_signal,
+)
 from .tissues import (
     BRAIN_LABELS,
     BY_NAME,
+    TISSUE_TABLES,
     TUMOUR_T1_POST_GD_S,
+    SubjectTissues,
     label_table,
     mix_parameters,
+    shift_brain_relaxation,
     subject_tissues,
 )
 
@@ -47,6 +93,28 @@ CANARY_BIRTH_DATE = "18960214"
 """PatientBirthDate of every phantom subject (also must never reach an output)."""
 
 LESION_CYCLE = ("wmh", "tumour", "none")
+
+# SeedSequence tags of the streams added with the gain model, the Philips scaling and the
+# subject-wide shift (distinct from the older streams, which therefore stay as they were).
+_SHIFT_TAG = 900_002
+_SESSION_GAIN_TAG = 900_003
+_SERIES_SCALING_TAG = 900_004
+# ... and of the scanner forward model (mismatch on): subject MT size, session B1+ field,
+# cluster echo-train details
+_MT_TAG = 900_005
+_B1_TAG = 900_006
+_TRAIN_TAG = 900_007
+_ROLE_INDEX = {"t1w": 0, "t1w_gd": 0, "t2w": 1, "flair": 2}
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """The scanner forward model's inputs for one series (``mismatch`` on)."""
+
+    physics: SeriesPhysics
+    b1: B1Field
+    mt_scale: float
+    effects: ScannerEffects = ALL_EFFECTS
 
 
 @dataclass(frozen=True)
@@ -175,6 +243,42 @@ class PhantomOptions:
     spatial_variation: float = 0.03
     variation_scale_mm: float = 15.0
     workers: int = 2
+    # 0: cluster and scanner drawn per session; K >= 1: round robin over clusters 0..K-1
+    clusters: int = 0
+    gain_model: str = "independent"  # "independent" | "protocol" (protocols module docstring)
+    gain_jitter: float = 0.03  # log-SD of the per-series gain jitter ("protocol" model)
+    tissue_table: str = "seed"  # "seed" | "independent" (tissues module docstring)
+    global_shift: float = 0.0  # G: per subject, brain T1 and T2 × U(1 - G, 1 + G)
+    # True: noise-free images from the scanner forward model (qmriflow.phantom.scanner: echo
+    # trains, MT, B1+, T2*, compartment partial volume); False: physics.signal of the truth
+    # maps (the estimator's own equations: for unit tests of the inversion)
+    mismatch: bool = False
+
+
+def validate_options(opts: PhantomOptions) -> None:
+    """Raise :class:`InputError` (one line) for an option value the generator cannot use."""
+    if opts.size not in SIZES:
+        raise InputError(f"size must be one of {sorted(SIZES)}")
+    if opts.subjects < 1 or opts.sessions < 1:
+        raise InputError("need at least one subject and one session")
+    if not (opts.snr > 0 and opts.cse_snr > 0):
+        raise InputError("SNR must be positive")
+    k = opts.clusters
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise InputError(f"clusters must be an integer, got {k!r}")
+    if not 0 <= k <= len(CLUSTERS):
+        raise InputError(f"clusters must be between 0 and {len(CLUSTERS)} (the number of "
+                         f"protocol clusters), got {k}")
+    if opts.gain_model not in GAIN_MODELS:
+        raise InputError(f"gain model must be one of {', '.join(GAIN_MODELS)}, "
+                         f"got {opts.gain_model!r}")
+    if not (math.isfinite(opts.gain_jitter) and 0 <= opts.gain_jitter <= 1):
+        raise InputError(f"gain jitter (a log-SD) must be in [0, 1], got {opts.gain_jitter!r}")
+    if opts.tissue_table not in TISSUE_TABLES:
+        raise InputError(f"tissue table must be one of {', '.join(TISSUE_TABLES)}, "
+                         f"got {opts.tissue_table!r}")
+    if not (math.isfinite(opts.global_shift) and 0 <= opts.global_shift < 0.5):
+        raise InputError(f"global shift must be in [0, 0.5), got {opts.global_shift!r}")
 
 
 def _subject_label(i: int) -> str:
@@ -240,8 +344,13 @@ def _series_header(sp: SeriesProtocol, number: int) -> dict[str, Any]:
 
 def _acquire_head_series(
     anat: SubjectAnatomy, sp: SeriesProtocol, spec: tuple, pose: np.ndarray,
-    rng: np.random.Generator, opts: PhantomOptions,
+    rng: np.random.Generator, opts: PhantomOptions, gain: float | None = None,
+    forward: _Forward | None = None,
 ) -> dict[str, Any]:
+    """Acquire one head series. ``gain``: the FP gain; ``None`` draws an independent one
+    (log-uniform in 300–3000). The draw is made either way, so the noise stays the same.
+    ``forward``: the scanner forward model (``mismatch`` on); ``None``: the noise-free image is
+    ``physics.signal`` of the truth maps."""
     orientation, voxel, matrix = spec
     centre_world = (pose @ np.append(anat.head_centre_subject_mm, 1.0))[:3]
     centre_world = centre_world + rng.normal(0, 3.0, 3)
@@ -252,25 +361,76 @@ def _acquire_head_series(
     t1_override = None
     if sp.role == "t1w_gd" and anat.lesions.get("type") == "tumour":
         t1_override = {BY_NAME["tumour"].label: TUMOUR_T1_POST_GD_S}
+    noisefree = None
+    if forward is not None:
+        frac, var, noisefree = _scanner_acquisition(anat, sp, aff, world, pose, frac, var,
+                                                    forward, t1_override)
     pd, t1, t2 = mix_parameters(frac, anat.tissues, var, t1_override)
-    # truth maps exactly as stored (float32); noise-free image from those
+    # truth maps exactly as stored (float32); noise-free image from those (exact path)
     pd, t1, t2 = (a.astype(np.float32).reshape(matrix) for a in (pd, t1, t2))
-    noisefree = np.asarray(signal(sp.protocol, pd.astype(np.float64), t1.astype(np.float64),
-                                  t2.astype(np.float64)))
-    noisefree32 = noisefree.astype(np.float32)
+    if noisefree is None:
+        noisefree = np.asarray(signal(sp.protocol, pd.astype(np.float64),
+                                      t1.astype(np.float64), t2.astype(np.float64)))
+    noisefree32 = noisefree.astype(np.float32).reshape(matrix)
     full = np.concatenate([1.0 - frac.sum(0, keepdims=True), frac], 0)
     dseg = full.argmax(0).astype(np.uint8).reshape(matrix)
     brain = (frac[[lab - 1 for lab in BRAIN_LABELS]].sum(0) >= 0.5).reshape(matrix)
     bias = bias_field(rng, world, centre_world, opts.bias_strength).reshape(matrix)
-    scale = float(np.exp(rng.uniform(np.log(300.0), np.log(3000.0))))
+    drawn_gain = float(np.exp(rng.uniform(np.log(300.0), np.log(3000.0))))
+    scale = drawn_gain if gain is None else float(gain)
     clean = scale * bias.astype(np.float64) * noisefree32
     sigma = float(clean[brain].mean() / opts.snr) if brain.any() else scale * 1e-3
     noisy = rician(rng, clean, sigma)
-    return {
+    out = {
         "affine": aff, "pd": pd, "t1": t1, "t2": t2, "dseg": dseg, "brain": brain,
         "bias": bias, "noisefree": noisefree32, "image": noisy, "scale": scale, "sigma": sigma,
         "pose": pose,
     }
+    if forward is not None:
+        b1 = forward.b1(world)[brain.ravel()]
+        out["forward_model"] = {
+            "effects": forward.effects.as_dict(), "series": forward.physics.as_dict(),
+            "b1_in_brain": ([float(v) for v in np.percentile(b1, [1, 50, 99])]
+                            if b1.size else None),
+            "mt_subject_scale": forward.mt_scale}
+    return out
+
+
+def _scanner_acquisition(
+    anat: SubjectAnatomy, sp: SeriesProtocol, aff: np.ndarray, world: np.ndarray,
+    pose: np.ndarray, frac: np.ndarray, var: np.ndarray, forward: _Forward,
+    t1_override: dict[int, float] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scanner forward model's noise-free image (flat, per voxel) and the voxels' tissue
+    fractions and variation. A 2D slice integrates the anatomy across its thickness: the
+    anatomy is sampled at ``ceil(thickness / anatomy resolution)`` evenly spaced points along
+    the slice normal, the compartment signals are averaged over them, and the truth
+    (fractions, variation) is their mean."""
+    thick = float(np.linalg.norm(aff[:3, 2]))
+    res_mm = float(np.linalg.norm(anat.template_affine[:3, 0]))  # the anatomy's grid
+    n_sub = 1
+    if forward.physics.two_d and forward.effects.partial_volume:
+        n_sub = max(1, math.ceil(thick / res_mm - 1e-6))
+    if n_sub > 1:
+        unit = aff[:3, 2] / thick
+        offsets = ((np.arange(n_sub) + 0.5) / n_sub - 0.5) * thick
+        subs = [anat.sample(world + o * unit, pose) for o in offsets]
+        frac_s = np.concatenate([f for f, _ in subs], axis=1)
+        var_s = np.concatenate([v for _, v in subs], axis=1)
+        frac = np.mean([f for f, _ in subs], axis=0)
+        var = np.mean([v for _, v in subs], axis=0)
+    else:
+        frac_s, var_s = frac, var
+    tissues = anat.tissues
+    if t1_override:
+        t1s = tissues.t1_s.copy()
+        for lab, v in t1_override.items():
+            t1s[lab] = v
+        tissues = SubjectTissues(pd=tissues.pd, t1_s=t1s, t2_s=tissues.t2_s)
+    b1 = np.tile(forward.b1(world), n_sub)
+    sig = noisefree_signal(sp, forward.physics, frac_s, var_s, tissues, b1,
+                           mt_scale=forward.mt_scale, effects=forward.effects)
+    return frac, var, sig.reshape(n_sub, -1).mean(axis=0)
 
 
 def _acquire_cse_series(
@@ -348,7 +508,7 @@ def _write_truth(tdir: Path, res: dict[str, Any], role: str) -> dict[str, str]:
     if role == "megre":
         put("PDFF", "PDFF", res["pdff"], "fraction (0-1)")
         put("R2starmap", "R2starmap", res["r2s"], "1/s")
-        put("S0map", "S0map", res["s0"], "arbitrary (same scale as the stored image)")
+        put("S0map", "S0map", res["s0"], "arbitrary (same scale as the FP image)")
         put("dseg", "dseg", res["label"], "label", np.uint8)
         put("noisefree", "noisefree", res["noisefree"], "arbitrary (S0 = 1 in unit-gain tissue)")
     else:
@@ -358,7 +518,9 @@ def _write_truth(tdir: Path, res: dict[str, Any], role: str) -> dict[str, str]:
         put("dseg", "dseg", res["dseg"], "label", np.uint8)
         put("brainmask", "brainmask", res["brain"], "mask", np.uint8)
         put("bias", "bias", res["bias"], "multiplicative")
-        put("noisefree", "noisefree", res["noisefree"], "physics.signal of the truth maps")
+        put("noisefree", "noisefree", res["noisefree"],
+            "physics.signal of the truth maps" if "forward_model" not in res else
+            "scanner forward model (qmriflow.phantom.scanner), unit gain")
     return files
 
 
@@ -367,7 +529,15 @@ def _subject_job(args: tuple) -> list[dict[str, Any]]:
     (out, opts, subj_i) = args
     spec = SIZES[opts.size]
     subj_rng = np.random.default_rng([opts.seed, subj_i])
-    tissues = subject_tissues(subj_rng, opts.tissue_variation, spread=opts.tissue_range)
+    tissues = subject_tissues(subj_rng, opts.tissue_variation, spread=opts.tissue_range,
+                              table=opts.tissue_table)
+    # brain-wide shift of T1 and T2, after the per-tissue variation (own stream)
+    g = opts.global_shift
+    shift = np.random.default_rng([opts.seed, subj_i, _SHIFT_TAG]).uniform(1.0 - g, 1.0 + g, 2)
+    shift_t1, shift_t2 = float(shift[0]), float(shift[1])
+    tissues = shift_brain_relaxation(tissues, shift_t1, shift_t2)
+    # the subject's MT effect size (myelin/macromolecules: no header records it)
+    mt_scale = float(np.random.default_rng([opts.seed, subj_i, _MT_TAG]).uniform(0.85, 1.15))
     lesion = LESION_CYCLE[subj_i % len(LESION_CYCLE)]
     anat = build_subject(subj_rng, tissues, res_mm=spec.anatomy_mm, lesion=lesion,
                          variation=opts.spatial_variation,
@@ -375,16 +545,34 @@ def _subject_job(args: tuple) -> list[dict[str, Any]]:
     write_json(out / "truth" / _subject_label(subj_i) / "subject.json", {
         "subject": _subject_label(subj_i), "lesion": anat.lesions, "tissues": tissues.as_dict(),
         "warp": anat.warp.describe(), "spatial_variation": opts.spatial_variation,
-        "variation_scale_mm": opts.variation_scale_mm,
+        "variation_scale_mm": opts.variation_scale_mm, "tissue_table": opts.tissue_table,
+        "global_shift": {"T1": shift_t1, "T2": shift_t2},
+        "mismatch": opts.mismatch, "mt_subject_scale": mt_scale if opts.mismatch else None,
     })
     rows: list[dict[str, Any]] = []
     for sess_j in range(opts.sessions):
-        rows.extend(_acquire_session(out, opts, subj_i, sess_j, anat, lesion))
+        for row in _acquire_session(out, opts, subj_i, sess_j, anat, lesion, mt_scale):
+            row["global_shift_t1"], row["global_shift_t2"] = shift_t1, shift_t2
+            write_json(out / row["truth_dir"] / "series.json", row)
+            rows.append(row)
     return rows
 
 
+def _series_gain(opts: PhantomOptions, role: str, cluster: int, session_gain: float,
+                 jitter: float) -> tuple[float | None, dict[str, Any]]:
+    """(FP gain or ``None`` = the series' own independent draw, gain_components)."""
+    if opts.gain_model == "protocol" and role in GAIN_ROLES:
+        ratio = cluster_gain_ratios(opts.seed, cluster)[role]
+        return ratio * session_gain * jitter, {
+            "model": "protocol", "cluster_ratio": ratio, "session_gain": session_gain,
+            "jitter": jitter}
+    return None, {"model": "independent", "cluster_ratio": None, "session_gain": None,
+                  "jitter": None}
+
+
 def _acquire_session(
-    out: Path, opts: PhantomOptions, subj_i: int, sess_j: int, anat: SubjectAnatomy, lesion: str
+    out: Path, opts: PhantomOptions, subj_i: int, sess_j: int, anat: SubjectAnatomy, lesion: str,
+    mt_scale: float = 1.0,
 ) -> list[dict[str, Any]]:
     from .dicomio import write_dicom_series
 
@@ -392,15 +580,27 @@ def _acquire_session(
     subject, session = _subject_label(subj_i), _session_label(sess_j)
     rng = np.random.default_rng([opts.seed, subj_i, sess_j, 7])
     scanner = draw_scanner(rng)
+    # the cluster draw draw_session_protocols would make: kept so the stream is the same
+    cluster = int(rng.integers(len(CLUSTERS)))
+    if opts.clusters:
+        cluster = assigned_cluster(subj_i, sess_j, opts.sessions, opts.clusters)
+        scanner = cluster_scanner(cluster)
     cluster, series = draw_session_protocols(
-        rng, post_gd_t1w=(lesion == "tumour"), cse=opts.cse
+        rng, cluster=cluster, post_gd_t1w=(lesion == "tumour"), cse=opts.cse
     )
+    session_gain = draw_session_gain(
+        np.random.default_rng([opts.seed, subj_i, sess_j, _SESSION_GAIN_TAG]))
     study_uid = _uid(opts.seed, subj_i, sess_j, "study")
     frame_uid = _uid(opts.seed, subj_i, sess_j, "frame")
     common = _header_common(subj_i, sess_j, opts.seed, scanner, study_uid, frame_uid)
     # head position for this session, plus a small movement per series
     centre = anat.head_centre_subject_mm
     session_pose = rigid(rng.uniform(-5, 5, 3), rng.normal(0, 6, 3), centre)
+    # scanner forward model: the session's transmit field around the head, in scanner space
+    b1 = None
+    if opts.mismatch:
+        b1 = draw_b1_field(np.random.default_rng([opts.seed, subj_i, sess_j, _B1_TAG]),
+                           (session_pose @ np.append(centre, 1.0))[:3])
     rows = []
     for n, sp in enumerate(series):
         number = 100 * (n + 2) + 1
@@ -408,6 +608,11 @@ def _acquire_session(
         sdir = out / "dicom" / subject / session / name
         tdir = out / "truth" / subject / session / name
         srng = np.random.default_rng([opts.seed, subj_i, sess_j, n, 11])
+        # per-series gain jitter and Philips display scaling: their own stream
+        prng = np.random.default_rng([opts.seed, subj_i, sess_j, n, _SERIES_SCALING_TAG])
+        jitter = float(np.exp(prng.normal(0.0, opts.gain_jitter)))
+        rescale_slope, fill = draw_philips_scaling(prng)
+        gain, gain_components = _series_gain(opts, sp.role, cluster, session_gain, jitter)
         if sp.role == "megre":
             res = _acquire_cse_series(sp, spec.megre, srng, opts, 3.0)
             image = res["image"]  # (x, y, z, echo)
@@ -417,14 +622,23 @@ def _acquire_session(
             pose = session_pose @ motion
             role_spec = {"t1w": spec.t1w, "t1w_gd": spec.t1w, "t2w": spec.t2w,
                          "flair": spec.flair}[sp.role]
-            res = _acquire_head_series(anat, sp, role_spec, pose, srng, opts)
+            forward = None
+            if b1 is not None:
+                # echo-train details are the protocol cluster's (fixed per cluster and role)
+                crng = np.random.default_rng([opts.seed, cluster, _ROLE_INDEX[sp.role],
+                                              _TRAIN_TAG])
+                forward = _Forward(draw_series_physics(sp, crng), b1, mt_scale)
+            res = _acquire_head_series(anat, sp, role_spec, pose, srng, opts, gain=gain,
+                                       forward=forward)
             image = res["image"]
             echo_times = None
         header = {**common, **_series_header(sp, number)}
         info = write_dicom_series(
             sdir, image, res["affine"], header=header, echo_times_ms=echo_times,
             uid_seed=f"{opts.seed}-{subj_i}-{sess_j}-{n}",
+            philips=PhilipsScaling(rescale_slope=rescale_slope, fill=fill),
         )
+        assert info.scale_slope is not None
         files = _write_truth(tdir, res, sp.role)
         row = {
             "subject": subject, "session": session, "series": name,
@@ -436,14 +650,19 @@ def _acquire_session(
             "RepetitionTime_ms": header["RepetitionTime"], "EchoTime_ms": header["EchoTime"],
             "InversionTime_ms": header["InversionTime"], "FlipAngle_deg": header["FlipAngle"],
             "shape": list(image.shape), "affine": res["affine"].tolist(),
+            "gain": res["scale"], "gain_components": gain_components,
+            # dcm2niix's default conversion writes FP (module docstring): its scale is the gain
             "global_scale": res["scale"], "noise_sigma": res["sigma"],
+            "display_scale": res["scale"] * info.rescale_slope * info.scale_slope,
             "rescale_slope": info.rescale_slope, "rescale_intercept": info.rescale_intercept,
+            "scale_slope": info.scale_slope,
             "series_instance_uid": str(info.series_instance_uid),
             "study_instance_uid": study_uid,
             "truth": {k: str(Path(v).relative_to(out)) for k, v in files.items()},
         }
         if sp.role != "megre":
             row["head_pose"] = res["pose"].tolist()
+            row["forward_model"] = res.get("forward_model", {"effects": None})
             row["snr"] = opts.snr
         else:
             row["snr"] = opts.cse_snr
@@ -456,19 +675,13 @@ def _acquire_session(
         if "head_pose" in row and t2w_pose is not None:
             row["world_to_t2w_world"] = (t2w_pose @ np.linalg.inv(np.array(row["head_pose"]))
                                          ).tolist()
-        write_json(out / row["truth_dir"] / "series.json", row)
     return rows
 
 
 def generate_archive(out: str | Path, opts: PhantomOptions) -> dict[str, Any]:
     """Generate the archive; returns the manifest (also written to ``OUT/manifest.json``)."""
     out = Path(out)
-    if opts.size not in SIZES:
-        raise InputError(f"size must be one of {sorted(SIZES)}")
-    if opts.subjects < 1 or opts.sessions < 1:
-        raise InputError("need at least one subject and one session")
-    if not (opts.snr > 0 and opts.cse_snr > 0):
-        raise InputError("SNR must be positive")
+    validate_options(opts)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     jobs = [(out, opts, i) for i in range(opts.subjects)]

@@ -3,6 +3,25 @@
 Each session is acquired on one of the four Philips 3 T systems of the seed, with a protocol
 drawn around one of the nine protocol-cluster centroids of Table C.1 (then jittered, staying
 inside Table 1's ranges), so that scanner and protocol groups exist in every archive.
+
+Scanner gains. The gain of a series is the factor between the noise-free signal (times the
+receive field) and the scanner's floating-point image (Philips "FP" value; dimensionless,
+arbitrary units per unit of ``physics.signal``). Two models (``GAIN_MODELS``):
+
+* ``"independent"``: every series draws its own gain, log-uniform in :data:`GAIN_RANGE`.
+* ``"protocol"``: gain = cluster_ratio[cluster][role] × session gain × exp(N(0, jitter)).
+  The per-cluster, per-role factor is fixed for an archive (:func:`cluster_gain_ratios`,
+  drawn from the phantom seed and the cluster index only): a cluster base log-uniform in
+  :data:`GAIN_RANGE` (the T2w's gain) times a role ratio log-uniform in
+  :data:`ROLE_RATIO_RANGE` (T2w: 1; the post-contrast T1w shares the T1w's ratio). The session
+  gain (coil loading) is log-normal around 1 with log-SD :data:`SESSION_GAIN_LOG_SD`; the
+  jitter is per series. So within a cluster FP ratios between series of one session are
+  fixed up to the jitter, as Philips FP values of one examination are meant to be comparable.
+  These are modelling assumptions of the phantom, not measured values.
+
+Philips stored/display scaling (:func:`draw_philips_scaling`): the display slope RS is
+log-uniform in :data:`RESCALE_SLOPE_RANGE` and the largest FP value of a series is stored at a
+fraction of the 12-bit range drawn from :data:`FILL_RANGE`.
 """
 
 from __future__ import annotations
@@ -34,6 +53,24 @@ CLUSTERS: tuple[tuple[float, float, float, float, float, float, float], ...] = (
     (5.29, 2.40, 3905, 80, 4800, 351, 1650),
     (5.28, 2.40, 4062, 80, 4800, 302, 1650),
 )
+
+GAIN_MODELS = ("independent", "protocol")
+"""Names of the gain models (module docstring)."""
+GAIN_RANGE = (300.0, 3000.0)
+"""Log-uniform range of an independent series gain and of a cluster's base gain (FP units)."""
+ROLE_RATIO_RANGE = (0.25, 4.0)
+"""Log-uniform range of a cluster's T1w/T2w and FLAIR/T2w gain ratios."""
+SESSION_GAIN_LOG_SD = 0.15
+"""Log-SD of the per-session common gain factor (coil loading)."""
+GAIN_ROLES = ("t1w", "t1w_gd", "t2w", "flair")
+"""Roles that get a cluster ratio (the fat/water series keeps an independent gain)."""
+RESCALE_SLOPE_RANGE = (0.5, 5.0)
+"""Log-uniform range of the Philips display RescaleSlope RS."""
+FILL_RANGE = (0.6, 1.0)
+"""Uniform range of the fraction of the 12-bit range the series maximum is stored at."""
+
+# SeedSequence tag of the per-cluster gain stream (distinct from every other phantom stream)
+_CLUSTER_GAIN_TAG = 900_001
 
 # Table 1 ranges, used to clip the jitter.
 RANGES = {
@@ -100,6 +137,49 @@ def draw_scanner(rng: np.random.Generator) -> tuple[str, str]:
     p = np.array([s[1] for s in SCANNERS])
     i = int(rng.choice(len(SCANNERS), p=p / p.sum()))
     return SCANNERS[i][0], SCANNERS[i][2]
+
+
+def cluster_scanner(cluster: int) -> tuple[str, str]:
+    """Fixed scanner (model, software version) of protocol cluster ``cluster`` when sessions
+    are assigned to clusters: ``SCANNERS[cluster % len(SCANNERS)]``."""
+    model, _, sw = SCANNERS[int(cluster) % len(SCANNERS)]
+    return model, sw
+
+
+def assigned_cluster(subject: int, session: int, sessions: int, clusters: int) -> int:
+    """Round-robin cluster of a session (0-based ``subject``/``session`` indices): the global
+    session index n = subject · sessions + session, cluster n mod ``clusters``."""
+    if not 1 <= clusters <= len(CLUSTERS):
+        raise ValueError(f"clusters must be in 1..{len(CLUSTERS)}, got {clusters}")
+    return (int(subject) * int(sessions) + int(session)) % int(clusters)
+
+
+def _log_uniform(rng: np.random.Generator, lo_hi: tuple[float, float]) -> float:
+    lo, hi = lo_hi
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def cluster_gain_ratios(seed: int, cluster: int) -> dict[str, float]:
+    """Per-role FP gain of protocol cluster ``cluster`` under the ``"protocol"`` gain model,
+    before the session gain and jitter: base × role ratio (T2w ratio 1, T1w and T1w +C share
+    one ratio). Deterministic in (``seed``, ``cluster``) only."""
+    rng = np.random.default_rng([int(seed), _CLUSTER_GAIN_TAG, int(cluster)])
+    base = _log_uniform(rng, GAIN_RANGE)
+    t1w = _log_uniform(rng, ROLE_RATIO_RANGE)
+    flair = _log_uniform(rng, ROLE_RATIO_RANGE)
+    return {"t1w": base * t1w, "t1w_gd": base * t1w, "t2w": base, "flair": base * flair}
+
+
+def draw_session_gain(rng: np.random.Generator) -> float:
+    """Per-session common gain factor: exp(N(0, SESSION_GAIN_LOG_SD)), dimensionless."""
+    return float(np.exp(rng.normal(0.0, SESSION_GAIN_LOG_SD)))
+
+
+def draw_philips_scaling(rng: np.random.Generator) -> tuple[float, float]:
+    """(display RescaleSlope RS, fill fraction of the stored range) of one series."""
+    rs = _log_uniform(rng, RESCALE_SLOPE_RANGE)
+    fill = float(rng.uniform(*FILL_RANGE))
+    return rs, fill
 
 
 def draw_session_protocols(
