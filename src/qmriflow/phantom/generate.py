@@ -104,6 +104,7 @@ _SERIES_SCALING_TAG = 900_004
 _MT_TAG = 900_005
 _B1_TAG = 900_006
 _TRAIN_TAG = 900_007
+_RECEIVE_TAG = 900_008
 _ROLE_INDEX = {"t1w": 0, "t1w_gd": 0, "t2w": 1, "flair": 2}
 
 
@@ -113,6 +114,7 @@ class _Forward:
 
     physics: SeriesPhysics
     b1: B1Field
+    receive: ReceiveField
     mt_scale: float
     effects: ScannerEffects = ALL_EFFECTS
 
@@ -204,19 +206,60 @@ def bias_field(
     typically leaves after the vendor's intensity normalisation). Without this, a random draw
     can give a nearly flat field, which is neither realistic nor a test of bias correction.
     """
+    c = rng.normal(0.0, strength, len(_BIAS_WEIGHTS)) * _BIAS_WEIGHTS
     x = (world - centre) / 100.0
+    log_field = _bias_log(c, x)
+    inner = np.einsum("ij,ij->i", x, x) < 0.8**2
+    log_field = log_field * _bias_amplitude(c, log_field[inner], strength)
+    return np.exp(log_field).astype(np.float32)
+
+
+_BIAS_WEIGHTS = np.array([1, 1, 1, .6, .6, .6, .5, .5, .5])
+
+
+def _bias_log(c: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The receive field's log: a 2nd-order polynomial of x = (world − centre) / 100 mm."""
     terms = [x[:, 0], x[:, 1], x[:, 2], x[:, 0] ** 2, x[:, 1] ** 2, x[:, 2] ** 2,
              x[:, 0] * x[:, 1], x[:, 0] * x[:, 2], x[:, 1] * x[:, 2]]
-    c = rng.normal(0.0, strength, len(terms)) * np.array([1, 1, 1, .6, .6, .6, .5, .5, .5])
-    log_field = sum(ci * t for ci, t in zip(c, terms, strict=True))
-    inner = np.einsum("ij,ij->i", x, x) < 0.8**2
-    spread = float(np.std(log_field[inner])) if inner.sum() > 10 else 0.0
-    if strength > 0 and spread > 0:
-        # target amplitude from the draw itself (c[0] ~ N(0, strength) -> uniform u), so the
-        # random stream, and with it every other part of the phantom, is unchanged
-        u = 0.5 * (1.0 + math.erf(c[0] / (strength * math.sqrt(2.0))))
-        log_field = log_field * (strength * (0.6 + 0.4 * u) / spread)
-    return np.exp(log_field).astype(np.float32)
+    return sum(ci * t for ci, t in zip(c, terms, strict=True))
+
+
+def _bias_amplitude(c: np.ndarray, inner_log_field: np.ndarray, strength: float) -> float:
+    """Factor that sets the log-field's SD over the brain (``inner_log_field``) to 0.6-1.0 ×
+    ``strength``: the target comes from the draw itself (c[0] ~ N(0, strength) -> uniform u),
+    so the random stream, and with it every other part of the phantom, is unchanged."""
+    spread = float(np.std(inner_log_field)) if inner_log_field.size > 10 else 0.0
+    if not (strength > 0 and spread > 0):
+        return 1.0
+    u = 0.5 * (1.0 + math.erf(c[0] / (strength * math.sqrt(2.0))))
+    return strength * (0.6 + 0.4 * u) / spread
+
+
+@dataclass(frozen=True)
+class ReceiveField:
+    """One session's receive-coil field, fixed in scanner space (``mismatch`` on): every
+    series of the session sees the same coil, so its field is the same function of the
+    world position (the head's small moves between series move through it). Same shape
+    statistics as :func:`bias_field`; the amplitude is set over a fixed 80 mm ball around the
+    session's head centre instead of over one series' voxels."""
+
+    centre: tuple[float, float, float]
+    coefficients: tuple[float, ...]
+
+    def __call__(self, world: np.ndarray) -> np.ndarray:
+        x = (np.asarray(world, dtype=np.float64) - np.asarray(self.centre)) / 100.0
+        return np.exp(_bias_log(np.asarray(self.coefficients), x)).astype(np.float32)
+
+
+def draw_receive_field(rng: np.random.Generator, centre: np.ndarray,
+                       strength: float) -> ReceiveField:
+    """A session's :class:`ReceiveField` around the head ``centre`` (world mm)."""
+    c = rng.normal(0.0, strength, len(_BIAS_WEIGHTS)) * _BIAS_WEIGHTS
+    g = np.linspace(-0.8, 0.8, 17)
+    x = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    x = x[np.einsum("ij,ij->i", x, x) < 0.8**2]
+    c = c * _bias_amplitude(c, _bias_log(c, x), strength)
+    return ReceiveField(tuple(float(v) for v in centre), tuple(float(v) for v in c))
 
 
 def rician(rng: np.random.Generator, s: np.ndarray, sigma: float) -> np.ndarray:
@@ -376,6 +419,8 @@ def _acquire_head_series(
     dseg = full.argmax(0).astype(np.uint8).reshape(matrix)
     brain = (frac[[lab - 1 for lab in BRAIN_LABELS]].sum(0) >= 0.5).reshape(matrix)
     bias = bias_field(rng, world, centre_world, opts.bias_strength).reshape(matrix)
+    if forward is not None:  # the session's coil, not one field per series
+        bias = forward.receive(world).reshape(matrix)
     drawn_gain = float(np.exp(rng.uniform(np.log(300.0), np.log(3000.0))))
     scale = drawn_gain if gain is None else float(gain)
     clean = scale * bias.astype(np.float64) * noisefree32
@@ -597,10 +642,14 @@ def _acquire_session(
     centre = anat.head_centre_subject_mm
     session_pose = rigid(rng.uniform(-5, 5, 3), rng.normal(0, 6, 3), centre)
     # scanner forward model: the session's transmit field around the head, in scanner space
-    b1 = None
+    b1 = receive = None
     if opts.mismatch:
+        head_world = (session_pose @ np.append(centre, 1.0))[:3]
         b1 = draw_b1_field(np.random.default_rng([opts.seed, subj_i, sess_j, _B1_TAG]),
-                           (session_pose @ np.append(centre, 1.0))[:3])
+                           head_world)
+        receive = draw_receive_field(
+            np.random.default_rng([opts.seed, subj_i, sess_j, _RECEIVE_TAG]), head_world,
+            opts.bias_strength)
     rows = []
     for n, sp in enumerate(series):
         number = 100 * (n + 2) + 1
@@ -623,11 +672,11 @@ def _acquire_session(
             role_spec = {"t1w": spec.t1w, "t1w_gd": spec.t1w, "t2w": spec.t2w,
                          "flair": spec.flair}[sp.role]
             forward = None
-            if b1 is not None:
+            if b1 is not None and receive is not None:
                 # echo-train details are the protocol cluster's (fixed per cluster and role)
                 crng = np.random.default_rng([opts.seed, cluster, _ROLE_INDEX[sp.role],
                                               _TRAIN_TAG])
-                forward = _Forward(draw_series_physics(sp, crng), b1, mt_scale)
+                forward = _Forward(draw_series_physics(sp, crng), b1, receive, mt_scale)
             res = _acquire_head_series(anat, sp, role_spec, pose, srng, opts, gain=gain,
                                        forward=forward)
             image = res["image"]

@@ -42,7 +42,9 @@ Effects (each with its source):
   Tissue fractions come from the anatomy on a grid at least as fine as the voxels (the small
   phantom's 2 mm fractions are block averages of the 1 mm template, so with compartment
   mixing they are the 1 mm anatomy seen through 2 mm voxels).
-* Rician noise and the receive field stay in the generator (as for the exact path).
+* Rician noise and the receive field stay in the generator; with the scanner model the receive
+  field is the session's coil, one field in scanner space for all of its series
+  (:class:`qmriflow.phantom.generate.ReceiveField`), where the exact path draws one per series.
 """
 
 from __future__ import annotations
