@@ -11,6 +11,9 @@ answer for (fewer than two values, non-finite values, a zero mean) with :class:`
   is the average of that group's per-session means) over the mean of the group means.
 * :func:`relative_difference` - mean voxel-wise relative difference between two paired arrays.
 * :func:`bland_altman` - bias and 95 % limits of agreement (for the plots).
+* :func:`slope_r` - least-squares slope of y on x, with Pearson r (e.g. estimated vs true
+  per-subject means: 1 = every true difference recovered, 0 = none).
+* :func:`group_centred` - values less the mean of their group (within-group variation).
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from ..errors import InputError
 __all__ = [
     "bland_altman",
     "coefficient_of_variation",
+    "group_centred",
     "group_means",
     "intergroup_cv",
     "lin_ccc",
     "pearson_r",
     "relative_difference",
+    "slope_r",
 ]
 
 
@@ -71,6 +76,34 @@ def lin_ccc(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) ->
     if den == 0.0:
         return float("nan")
     return float(2.0 * sab / den)
+
+
+def slope_r(x: Sequence[float] | np.ndarray,
+            y: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Ordinary least-squares slope of ``y`` on ``x`` (``y ≈ a + slope·x``) and Pearson r.
+
+    The slope says how much of a true difference in ``x`` shows up in ``y`` (1: all of it, 0:
+    none), r how tightly. Slope NaN when ``x`` is constant (nothing to regress on); r NaN when
+    either is constant (a constant ``y`` has slope 0 and r NaN).
+    """
+    a, b = _pair(x, y, "slope")
+    if np.all(a == a[0]):
+        return float("nan"), float("nan")
+    if np.all(b == b[0]):  # exactly: its mean may differ from the value by rounding
+        return 0.0, float("nan")
+    da, db = a - a.mean(), b - b.mean()
+    return float(np.dot(da, db) / np.dot(da, da)), pearson_r(a, b)
+
+
+def group_centred(values: Iterable[float], groups: Iterable[Hashable]) -> np.ndarray:
+    """``values`` less the mean of their group (see :func:`group_means`), in input order: what
+    is left is the variation within groups (e.g. within a protocol cluster)."""
+    vals = np.asarray([float(v) for v in values], dtype=np.float64)
+    labs = list(groups)
+    if len(labs) != vals.size:
+        raise InputError(f"group-centred values: {vals.size} values but {len(labs)} group labels")
+    means = group_means(vals, labs)
+    return vals - np.array([means[g] for g in labs], dtype=np.float64)
 
 
 def coefficient_of_variation(values: Sequence[float] | np.ndarray, *, ddof: int = 1) -> float:
