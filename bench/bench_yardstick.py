@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 
 PROG = "bench_yardstick"
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("seed", "calibrated", "network-free", "network-only")
+METHODS = ("seed", "calibrated", "network-free", "network-only", "per-session")
 BASELINES = ("prior", "constant")
 PARAMS = ("T1", "T2", "PD")
 TISSUES = ("WM", "GM")
@@ -82,7 +82,12 @@ METHOD_SPEC: dict[str, tuple[str | None, str, str]] = {
     "calibrated": ("calibrated", "calibrated", "refined"),
     "network-only": ("calibrated", "calibrated", "network-only"),
     "network-free": (None, "calibrated", "network-free"),
+    # the network-free estimator with each session's own calibration (no protocol clusters):
+    # what the cluster-level scales change, with no training in between
+    "per-session": (None, "calibrated", "network-free"),
 }
+PER_SESSION = {"per-session"}
+"""Methods that never use the protocol clusters' scales."""
 SALT = "bench-yardstick-salt"
 INPLANE_MM = 2.0
 MATRIX = 112
@@ -133,7 +138,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="scanner-realistic forward model of the phantom")
     ap.add_argument("--segmentation", choices=("pipeline", "truth"), default="pipeline",
                     help="truth: the estimators get the TRUE segmentation (diagnosis only)")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", choices=METHODS,
+                    default=[m for m in METHODS if m != "per-session"])
+    ap.add_argument("--cluster-scales", choices=("on", "off"), default="on",
+                    help="scales identified per protocol cluster (the workflow's default, "
+                         "model.clusters.enabled); off: per session")
+    ap.add_argument("--calibration-session", choices=("on", "off"), default="off",
+                    help="on: the first session of each cluster is a calibration session whose "
+                         "reference maps are its TRUE maps (titles say so)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds")
     ap.add_argument("--quick", action="store_true",
                     help=f"{EPOCHS['quick']} training epochs instead of {EPOCHS['full']}")
@@ -434,21 +446,29 @@ def truth_segmentation_copy(work: Path, s: Session) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def ensure_pack(pack_dir: Path, dirs: Sequence[Path], stale: Sequence[Path]) -> bool:
-    """Pack the sessions unless ``pack_dir`` already holds exactly them; a new pack removes
-    the ``stale`` folders (models and maps of the old one). Returns True if it packed."""
+def ensure_pack(pack_dir: Path, dirs: Sequence[Path], stale: Sequence[Path],
+                clusters: Path | None = None) -> bool:
+    """Pack the sessions unless ``pack_dir`` already holds exactly them (with the same
+    clusters file); a new pack removes the ``stale`` folders (models and maps of the old one).
+    Returns True if it packed."""
+    from qmriflow.model.clusters import load_clusters
     from qmriflow.model.data import pack_sessions
 
     idx = pack_dir / "index.json"
     want = sorted(str(d) for d in dirs)
+    stamp = pack_dir / "clusters_used.txt"
+    used = "" if clusters is None else f"{clusters} {clusters.stat().st_mtime_ns}"
     if idx.is_file():
         have = json.loads(idx.read_text())
-        if sorted(s["session_dir"] for s in have["sessions"]) == want and not have["skipped"]:
+        if (sorted(s["session_dir"] for s in have["sessions"]) == want and not have["skipped"]
+                and (stamp.read_text() if stamp.is_file() else "") == used):
             return False
     for d in (pack_dir, *stale):
         if d.exists():
             shutil.rmtree(d)
-    index = pack_sessions(list(dirs), pack_dir, skip_incomplete=True)
+    index = pack_sessions(list(dirs), pack_dir, skip_incomplete=True,
+                          clusters=None if clusters is None else load_clusters(clusters))
+    stamp.write_text(used)
     for sk in index["skipped"]:
         print(f"{PROG}: not packed: {sk['session_dir']}: {sk['reason']}", flush=True)
     return True
@@ -670,8 +690,13 @@ def title_suffix(settings: dict[str, Any]) -> str:
     """What every table title states."""
     seg = ("TRUTH SEGMENTATION" if settings["segmentation"] == "truth"
            else "pipeline segmentation")
+    extra = ""
+    if settings.get("cluster_scales", "off") == "on":
+        extra = ", cluster-level scales"
+        if settings.get("calibration_session") == "on":
+            extra += " + one calibration session per cluster (its TRUE maps as reference)"
     return (f"phantom seed {settings['phantom_seed']}, gain model {settings['gain_model']}, "
-            f"{seg}, mismatch {settings['mismatch']}")
+            f"{seg}, mismatch {settings['mismatch']}{extra}")
 
 
 def method_order(report: dict[str, Any]) -> list[str]:
@@ -798,16 +823,19 @@ def render_tables(report: dict[str, Any]) -> str:
     if unc:
         head = ["method"] + [f"{p} {t}" for p in PARAMS for t in TISSUES]
         lines += [f"### Reported uncertainty vs actual error: RMS error % / RMS of the mean "
-                  f"uncertainty map % — {suf}", "", "| " + " | ".join(head) + " |",
-                  "|" + "---|" * len(head)]
+                  f"uncertainty map % / sessions whose |error| is within the stated SD — "
+                  f"{suf}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in unc:
             rows = [r for r in report["methods"][m]["sessions"] if "uncertainty" in r]
             cells = [m]
             for p in PARAMS:
                 for t in TISSUES:
                     u = [100.0 * r["uncertainty"][t][p] / r["estimated"][t][p] for r in rows]
+                    err = errors_pct(rows, t, p)
+                    cover = float(np.mean([abs(e) <= ui for e, ui in zip(err, u, strict=True)]))
                     cells.append(f"{_f(error_summary(rows, t, p)['rms'], '.1f')} / "
-                                 f"{_f(float(np.sqrt(np.mean(np.square(u)))), '.1f')}")
+                                 f"{_f(float(np.sqrt(np.mean(np.square(u)))), '.1f')} / "
+                                 f"{100 * cover:.0f} %")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -832,6 +860,35 @@ class Timer:
 
     def total(self) -> dict[str, float]:
         return {**self.stages, "total": round(time.perf_counter() - self.t0, 1)}
+
+
+def fit_cluster_scales(work: Path, tag: str, sessions: Sequence[Session],
+                       dirs: dict[str, Path], calibration_session: bool) -> Path:
+    """``qmriflow cluster-fit`` over the sessions (as the workflow's rule cluster_fit runs it);
+    with ``calibration_session`` the first session (by subject, session) of every protocol
+    cluster gets its TRUE maps as reference maps. Refitted on every run (a changed file makes
+    the pack, models and maps stale)."""
+    from qmriflow.model.clusters import fit_clusters, group_sessions, observe
+
+    out = work / f"clusters{tag}.json"
+    calibration: dict[str, Any] = {}
+    if calibration_session:
+        sigs = {s.label: observe(dirs[s.label]).signature for s in sessions}
+        for members in group_sessions(sigs).values():
+            first = min(members, key=lambda lab: next((s.subject, s.session) for s in sessions
+                                                      if s.label == lab))
+            tp = truth_paths(work, first)
+            calibration[first] = {"maps": {k: str(tp[k]) for k in ("T1map", "T2map", "PDmap")}}
+    if out.is_file():
+        have = json.loads(out.read_text())
+        if sorted(have.get("sessions", {})) == sorted(s.label for s in sessions):
+            return out
+        out.unlink()
+    doc = fit_clusters([dirs[s.label] for s in sessions], out, calibration=calibration,
+                       log=lambda msg: print(f"{PROG}: {msg}", flush=True))
+    for name, c in doc["clusters"].items():
+        print(f"{PROG}: {name}: {c['status']}", flush=True)
+    return out
 
 
 def baselines(sessions_rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -873,7 +930,11 @@ def run(a: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     archive = work / "archive"
     truthseg = a.segmentation == "truth"
-    tag = "_truthseg" if truthseg else ""
+    # variants write their own packs, models, maps and tables beside the default run
+    tag = (("_truthseg" if truthseg else "")
+           + ("_calsession" if a.cluster_scales == "on" and a.calibration_session == "on"
+              else "")
+           + ("_nocluster" if a.cluster_scales == "off" else ""))
     epochs = EPOCHS["quick" if a.quick else "full"]
 
     t = time.perf_counter()
@@ -894,9 +955,17 @@ def run(a: argparse.Namespace) -> int:
             for s in sessions}
     clock.done("truth on the grid" + (" + truth-segmentation copies" if truthseg else ""), t)
 
+    clusters_json = None
+    if a.cluster_scales == "on":
+        t = time.perf_counter()
+        clusters_json = fit_cluster_scales(work, tag, sessions, dirs,
+                                           a.calibration_session == "on")
+        clock.done("cluster fit", t)
+
     t = time.perf_counter()
     pack = work / f"pack{tag}"
-    ensure_pack(pack, list(dirs.values()), [work / f"models{tag}", work / f"maps{tag}"])
+    ensure_pack(pack, list(dirs.values()), [work / f"models{tag}", work / f"maps{tag}"],
+                clusters_json)
     packed = {x["label"] for x in json.loads((pack / "index.json").read_text())["sessions"]}
     for s in [s for s in sessions if s.label not in packed]:
         print(f"{PROG}: session {s.name} ({s.label}): left out (not packed)", flush=True)
@@ -935,7 +1004,8 @@ def run(a: argparse.Namespace) -> int:
                     continue
                 try:
                     infer_session(dirs[s.label], ckpt, out, scaling=scaling, estimator=estimator,
-                                  precision="fp32", device="cpu", threads=THREADS, synth=False)
+                                  precision="fp32", device="cpu", threads=THREADS, synth=False,
+                                  clusters=None if m in PER_SESSION else clusters_json)
                 except QmriflowError as exc:
                     print(f"{PROG}: session {s.name}: {m} seed {seed}: inference failed, "
                           f"session left out: {exc}", flush=True)
@@ -1003,6 +1073,7 @@ def run(a: argparse.Namespace) -> int:
         "clusters": a.clusters, "tissue_range": a.tissue_range,
         "global_shift": a.global_shift, "gain_model": a.gain_model,
         "gain_jitter": a.gain_jitter, "mismatch": a.mismatch, "segmentation": a.segmentation,
+        "cluster_scales": a.cluster_scales, "calibration_session": a.calibration_session,
         "methods": list(a.methods), "seeds": list(a.seeds), "quick": a.quick, "epochs": epochs,
         "trained": trained, "width": WIDTH, "threads": THREADS, "default_method": default,
         "tissue_table": "independent", "pseudonym_salt": SALT,

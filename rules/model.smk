@@ -1,3 +1,5 @@
+import json
+
 # The relaxometry model (seed 000 section 2.2): pack the preprocessed slices of every session
 # once, train the self-supervised network on the archive (or use given weights), and infer
 # T1/T2/PD maps for every session. Thin rules: each calls one `qmriflow <step>`.
@@ -13,6 +15,9 @@ MODEL_DIR = OUT / "model"
 TRAINED = MODEL_DIR / "model.pt"
 CHECKPOINT = Path(MODEL["checkpoint"]) if MODEL.get("checkpoint") else TRAINED
 PRE = ANAT / f"{SES}_space-T2w"
+CLUSTERS = MODEL["clusters"]
+CLUSTER_JSON = WORK / "model" / "clusters.json"
+USE_CLUSTERS = CLUSTERS["enabled"] and MODEL["scaling"] == "calibrated"
 
 
 PACK_PATTERNS = [f"{PRE}_desc-preproc_{c}.nii.gz" for c in ("T1w", "T2w", "FLAIR")] + [
@@ -37,9 +42,40 @@ model_outputs = lambda wildcards: [
 ] + ([] if MODEL.get("checkpoint") else [str(MODEL_DIR / "training_curve.png")])
 
 
-rule pack:
+# Scanner-protocol clusters and their gain ratios, fitted over the sessions present. A fitted
+# cluster is kept as it is in WORK/model/clusters_state.json: when sessions are added (nightly)
+# this rule records them and they join their fitted cluster at inference, without refitting
+# it; refit explicitly with `qmriflow cluster-fit ... --refit`, which records what changed.
+rule cluster_fit:
     input:
         lambda w: [t for p in PACK_PATTERNS for t in session_targets(p)],
+    output:
+        CLUSTER_JSON,
+    params:
+        dirs=lambda w: " ".join(session_targets(OUT / "sub-{subject}" / "ses-{session}")),
+        calib=(f"--calibration {json.dumps(CLUSTERS['calibration'])!r}"
+               if CLUSTERS["calibration"] else ""),
+        state=WORK / "model" / "clusters_state.json",
+        min_sessions=CLUSTERS["min_sessions"],
+        tolerance=CLUSTERS["tolerance"],
+        prov=PROV / "cluster_fit.json",
+    log:
+        LOGS / "cluster_fit.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+    container:
+        CPU_IMAGE
+    shell:
+        "qmriflow cluster-fit {output} {params.dirs} {params.calib} --state {params.state} "
+        "--min-sessions {params.min_sessions} --tolerance {params.tolerance} "
+        "--skip-incomplete --provenance {params.prov} &> {log}"
+
+
+rule pack:
+    input:
+        sessions=lambda w: [t for p in PACK_PATTERNS for t in session_targets(p)],
+        clusters=CLUSTER_JSON if USE_CLUSTERS else [],
     output:
         index=PACK / "index.json",
         images=PACK / "images.npy",
@@ -48,6 +84,7 @@ rule pack:
         outdir=PACK,
         dirs=lambda w: " ".join(session_targets(OUT / "sub-{subject}" / "ses-{session}")),
         frac=MODEL["min_head_fraction"],
+        clusters=f"--clusters {CLUSTER_JSON}" if USE_CLUSTERS else "",
         prov=PROV / "pack.json",
     benchmark:
         WORK / "benchmarks" / "pack.tsv"
@@ -60,7 +97,7 @@ rule pack:
         CPU_IMAGE
     shell:
         "qmriflow pack {params.outdir} {params.dirs} --min-head-fraction {params.frac} "
-        "--skip-incomplete --provenance {params.prov} &> {log}"
+        "--skip-incomplete {params.clusters} --provenance {params.prov} &> {log}"
 
 
 # last.pt (the resumable state) is deliberately not an output: Snakemake must not delete it
@@ -102,6 +139,7 @@ rule infer:
         dseg=f"{PRE}_dseg.nii.gz",
         params=OUT / "sub-{subject}" / "ses-{session}" / f"{SES}_desc-protocol_params.json",
         checkpoint=CHECKPOINT,
+        clusters=ancient(CLUSTER_JSON) if USE_CLUSTERS else [],
     output:
         t1=f"{PRE}_T1map.nii.gz",
         t2=f"{PRE}_T2map.nii.gz",
@@ -114,7 +152,8 @@ rule infer:
              f"--batch-size {MODEL['infer_batch_size']} --scaling {MODEL['scaling']} "
              f"--smoothing {SMOOTH['radius']},{SMOOTH['sigma_space']},{SMOOTH['sigma_range']},"
              f"{SMOOTH['sigma_value']} "
-             f"--smoothing-guide {SMOOTH['guide']}"),
+             f"--smoothing-guide {SMOOTH['guide']}"
+             + (f" --clusters {CLUSTER_JSON}" if USE_CLUSTERS else "")),
         flags=session_flags,
     benchmark:
         WORK / "benchmarks" / "infer" / f"{SES}.tsv"

@@ -74,7 +74,25 @@ def _pack_args(p: argparse.ArgumentParser) -> None:
                    help="leave out slices whose head covers less than this fraction")
     p.add_argument("--skip-incomplete", action="store_true",
                    help="list unreadable sessions in index.json instead of failing")
+    p.add_argument("--clusters", type=Path, default=None,
+                   help="clusters.json of `qmriflow cluster-fit`: train against each session's "
+                        "protocol-cluster scales")
     p.add_argument("--provenance", type=Path, help="write this step's provenance JSON here")
+
+
+def _results_sessions(a: argparse.Namespace) -> list[Path]:
+    """The session folders given, plus every preprocessed one under ``--results-dir``."""
+    dirs = list(a.session_dirs)
+    if a.results_dir is not None:
+        dirs += sorted(p.parent.parent for p in Path(a.results_dir).glob(
+            "sub-*/ses-*/anat/*_space-T2w_desc-preproc_T2w.nii.gz"))
+    return dirs
+
+
+def _cluster_doc(path: Path | None) -> dict | None:
+    from .model.clusters import load_clusters
+
+    return None if path is None else load_clusters(path)
 
 
 @command("pack", "normalise preprocessed sessions once and pack their slices for training")
@@ -82,16 +100,78 @@ def _pack_args(p: argparse.ArgumentParser) -> None:
 def _pack(a: argparse.Namespace) -> int:
     from .model.data import pack_sessions
 
-    dirs = list(a.session_dirs)
-    if a.results_dir is not None:
-        dirs += sorted(p.parent.parent for p in Path(a.results_dir).glob(
-            "sub-*/ses-*/anat/*_space-T2w_desc-preproc_T2w.nii.gz"))
-    index = pack_sessions(dirs, a.out_dir, min_head_fraction=a.min_head_fraction,
-                          skip_incomplete=a.skip_incomplete)
+    index = pack_sessions(_results_sessions(a), a.out_dir,
+                          min_head_fraction=a.min_head_fraction,
+                          skip_incomplete=a.skip_incomplete, clusters=_cluster_doc(a.clusters))
     _provenance(a, "pack", {"n_sessions": len(index["sessions"]), "n_slices": index["n_slices"],
                             "skipped": index["skipped"]})
     print(f"packed {index['n_slices']} slices of {len(index['sessions'])} session(s) into "
           f"{a.out_dir}" + (f" ({len(index['skipped'])} skipped)" if index["skipped"] else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster-fit
+# ---------------------------------------------------------------------------------------------
+
+
+def _cluster_fit_args(p: argparse.ArgumentParser) -> None:
+    from .model.clusters import DEFAULT_MIN_SESSIONS, DEFAULT_TOLERANCE
+
+    p.add_argument("out_json", type=Path, help="clusters.json to write")
+    p.add_argument("session_dirs", type=Path, nargs="*",
+                   help="preprocessed session folders (.../sub-X/ses-Y)")
+    p.add_argument("--results-dir", type=Path,
+                   help="take every results/sub-*/ses-* folder with a preprocessed T2w")
+    p.add_argument("--calibration", default=None,
+                   help="reference values of calibration sessions: a JSON file, or JSON text, "
+                        "mapping session label -> {\"values\": {\"WM\": {\"T1\": s, \"T2\": "
+                        "s, \"PD\": x}, \"GM\": {...}}} or {\"maps\": {\"T1map\": path, "
+                        "\"T2map\": path, \"PDmap\": path}}")
+    p.add_argument("--state", type=Path, default=None,
+                   help="where fitted clusters persist between runs (default: OUT_JSON); "
+                        "fitted clusters found there are kept unless --refit")
+    p.add_argument("--skip-incomplete", action="store_true",
+                   help="accepted for symmetry with pack: unreadable sessions are always "
+                        "left out with their reason")
+    p.add_argument("--min-sessions", type=int, default=DEFAULT_MIN_SESSIONS,
+                   help="fewer sessions: a cluster keeps the per-session calibration")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="relative TR/TE/TI/FA difference within one protocol")
+    p.add_argument("--refit", action="store_true",
+                   help="refit clusters already in OUT_JSON (records what changed); without "
+                        "it, fitted clusters are kept and new sessions join at inference")
+    p.add_argument("--provenance", type=Path, help="write this step's provenance JSON here")
+
+
+@command("cluster-fit", "group sessions into scanner-protocol clusters and fit each "
+                        "cluster's gain ratios")
+@arguments(_cluster_fit_args)
+def _cluster_fit(a: argparse.Namespace) -> int:
+    import json
+
+    from .errors import InputError
+    from .model.clusters import fit_clusters
+
+    calibration = None
+    if a.calibration:
+        text = a.calibration.strip()
+        try:
+            calibration = json.loads(text if text.startswith("{") else
+                                     Path(text).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"unreadable --calibration ({exc})") from None
+        if not isinstance(calibration, dict):
+            raise InputError("--calibration must map session labels to reference values")
+    doc = fit_clusters(_results_sessions(a), a.out_json, calibration=calibration,
+                       min_sessions=a.min_sessions, tolerance=a.tolerance, refit=a.refit,
+                       state=a.state)
+    fitted = sum(1 for c in doc["clusters"].values() if c.get("fit"))
+    _provenance(a, "cluster-fit", {"clusters": len(doc["clusters"]), "fitted": fitted,
+                                   "sessions": len(doc["sessions"]),
+                                   "skipped": doc["skipped"]})
+    print(f"{len(doc['clusters'])} protocol cluster(s), {fitted} fitted, "
+          f"{len(doc['sessions'])} session(s) -> {a.out_json}")
     return 0
 
 
@@ -205,6 +285,9 @@ def _infer_args(p: argparse.ArgumentParser) -> None:
                    default=DEFAULT_SMOOTHING.guide,
                    help="what steers the smoothing's edge-preserving weights: the input "
                         "images or the network's maps (not with --estimator network-free)")
+    p.add_argument("--clusters", type=Path, default=None,
+                   help="clusters.json of `qmriflow cluster-fit`: calibrated scales from the "
+                        "session's protocol cluster (else from the session alone)")
     p.add_argument("--no-brain-mask", action="store_true", help="keep maps outside the brain")
     p.add_argument("--no-synth", action="store_true",
                    help="skip the re-synthesised images and difference maps")
@@ -228,7 +311,7 @@ def _infer(a: argparse.Namespace) -> int:
         contrasts=contrasts, device=a.device, precision=a.precision, batch_size=a.batch_size,
         threads=a.threads, brain_mask=not a.no_brain_mask, synth=not a.no_synth,
         scale_bound=a.scale_bound, scaling=a.scaling, smoothing=_smoothing_of(a),
-        estimator=a.estimator))
+        estimator=a.estimator, clusters=a.clusters))
     _provenance(a, "infer", info)
     med = info["brain_median"]
     print(f"{label}: {a.estimator} maps from {'+'.join(contrasts)} in "

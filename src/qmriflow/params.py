@@ -13,7 +13,9 @@ Two steps, kept apart:
 (``{"session", "t1w", "t2w", "flair", "megre": [...]}``), each role holding ``sequence``,
 ``tr_ms``, ``te_ms``, ``ti_ms`` (None if absent), ``fa_deg``, ``acquisition``,
 ``field_strength_t``, ``manufacturer``, ``manufacturer_model``, ``gadolinium``,
-``echo_times_ms``, ``te_correction_factor``, ``series_id`` and ``sidecar``.
+``echo_times_ms``, ``te_correction_factor``, ``intensity_scaling`` (what the intensities are:
+Philips floating-point values compare between series; :func:`intensity_scaling`),
+``series_id`` and ``sidecar``.
 
 Refused: missing or non-finite TR/TE/FA, negative times, TE ≥ TR (the last echo for multi-echo
 GRE), FLAIR or IR-GRE without an inversion time, TI ≥ TR for those, flip angle outside
@@ -43,6 +45,7 @@ __all__ = [
     "IRGRE_MIN_TR_MS",
     "extract_series_params",
     "extract_session_params",
+    "intensity_scaling",
     "validate_session_params",
 ]
 
@@ -133,7 +136,59 @@ def extract_series_params(
         "echo_times_ms": [t for t in echo_times if t is not None],
         "echo_train_length": _number(sidecar_meta.get("EchoTrainLength")),
         "te_correction_factor": _te_factor(sequence, te, te_correction),
+        "intensity_scaling": intensity_scaling(sidecar_meta),
     }
+
+
+def intensity_scaling(sidecar_meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What the converted image's intensities are, from the dcm2niix sidecar.
+
+    Philips stores SV with a display scaling DV = SV·RS + RI and a private ScaleSlope SS; the
+    floating-point value FP = DV / (RS·SS) is the one that compares between the series of a
+    session (../shared/NOTES.md F). dcm2niix writes FP by default (``-p y``) and says so with
+    ``UsePhilipsFloatNotDisplayScaling: 1`` beside ``PhilipsRescaleSlope``,
+    ``PhilipsRescaleIntercept`` and ``PhilipsScaleSlope``. Returns ``{"vendor", "values":
+    "philips-fp" | "philips-display" | "vendor-default", "rescale_slope", "rescale_intercept",
+    "scale_slope", "comparable_between_series"}``; the last is True only for Philips FP (other
+    vendors' magnitude images carry no float scale: their receiver gains are set per series).
+    Contradicting fields are kept as found and refused by :func:`validate_session_params`.
+    """
+    manufacturer = str(_clean(sidecar_meta.get("Manufacturer")) or "")
+    rs = _number(sidecar_meta.get("PhilipsRescaleSlope"))
+    ri = _number(sidecar_meta.get("PhilipsRescaleIntercept"))
+    ss = _number(sidecar_meta.get("PhilipsScaleSlope"))
+    flag = sidecar_meta.get("UsePhilipsFloatNotDisplayScaling")
+    flag_n = _number(flag) if flag is not None else None
+    if flag_n == 1:
+        values = "philips-fp"
+    elif flag_n == 0 or (flag is None and ss is not None):
+        values = "philips-display"
+    else:
+        values = "vendor-default"
+    return {"vendor": manufacturer or None, "values": values, "rescale_slope": rs,
+            "rescale_intercept": ri, "scale_slope": ss,
+            "comparable_between_series": values == "philips-fp"}
+
+
+def _check_scaling(sc: Mapping[str, Any] | None) -> str | None:
+    """Why a series' intensity-scaling fields contradict each other (None if they agree)."""
+    if not sc:
+        return None
+    philips = str(sc.get("vendor") or "").lower().startswith("philips")
+    fields = [sc.get(k) for k in ("rescale_slope", "rescale_intercept", "scale_slope")]
+    if sc.get("values") in ("philips-fp", "philips-display") and not philips:
+        return (f"sidecar gives Philips intensity scaling for a {sc.get('vendor') or 'unknown'} "
+                "series (PhilipsScaleSlope/UsePhilipsFloatNotDisplayScaling)")
+    if sc.get("values") == "philips-fp":
+        ss, rs = sc.get("scale_slope"), sc.get("rescale_slope")
+        if ss is None or not (math.isfinite(ss) and ss > 0):
+            return (f"UsePhilipsFloatNotDisplayScaling is 1 but PhilipsScaleSlope is "
+                    f"{ss!r}: the floating-point values cannot be trusted")
+        if rs is not None and not (math.isfinite(rs) and rs > 0):
+            return f"PhilipsRescaleSlope {rs!r} is not positive"
+    if any(v is not None and not math.isfinite(v) for v in fields):
+        return "a Philips scaling field is not a finite number"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +255,9 @@ def _check_entry(p: Mapping[str, Any], require_3t: bool, session: str | None) ->
                  f"than computing a wrong signal")
         if ti >= tr:
             fail(f"InversionTime {_fmt(ti)} ms ≥ RepetitionTime {_fmt(tr)} ms")
+    bad_scaling = _check_scaling(p.get("intensity_scaling"))
+    if bad_scaling:
+        fail(f"contradicting intensity scaling: {bad_scaling}")
     field = p.get("field_strength_t")
     field = None if field is None else float(field)
     if field is not None and not (math.isfinite(field) and field > 0):

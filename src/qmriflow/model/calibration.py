@@ -190,6 +190,9 @@ class Calibration:
     medians: dict[str, dict[str, float]]
     n_voxels: dict[str, int]
     method: str = "calibrated"
+    origin: dict[str, Any] = field(default_factory=dict)
+    """Where the scales come from (per-session calibration, a protocol cluster's fit, a join;
+    see :func:`qmriflow.model.clusters.session_calibration`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -278,14 +278,32 @@ def session_tissue_voxels(sd: SessionData, contrasts: Sequence[str] | None = Non
 
 
 def session_calibration(sd: SessionData, contrasts: Sequence[str] | None = None,
-                        seg: np.ndarray | None = None) -> Calibration:
+                        seg: np.ndarray | None = None,
+                        clusters: Mapping[str, Any] | None = None) -> Calibration:
     """Calibrated per-contrast scales of a loaded session (needs its ``_dseg``: 1 GM, 2 WM,
-    3 CSF, on the images' grid; ``seg``: that dseg already read by :func:`session_seg`); see
-    :func:`qmriflow.model.calibration.calibrate_scales`. ``contrasts``: calibrate from these
-    only (default: every contrast loaded)."""
+    3 CSF, on the images' grid; ``seg``: that dseg already read by :func:`session_seg`).
+    ``contrasts``: calibrate from these only (default: every contrast loaded). With a
+    ``clusters`` document (:func:`qmriflow.model.clusters.load_clusters`) the scales come from
+    the session's protocol cluster where it has been fitted
+    (:func:`qmriflow.model.clusters.session_calibration`); otherwise, and as the fallback, from
+    the session alone (:func:`qmriflow.model.calibration.calibrate_scales`). ``origin`` of the
+    result says which, and why."""
     use = tuple(contrasts) if contrasts is not None else sd.contrasts
     idx = [sd.contrasts.index(c) for c in use]
     seg = session_seg(sd) if seg is None else seg
+    origin: dict[str, Any] = {"scales_from": "per-session calibration",
+                              "reason": "no clusters file"}
+    if clusters is not None:
+        from .clusters import session_calibration as from_cluster
+
+        try:
+            cal, origin = from_cluster(clusters, sd, use, seg)
+        except (ValueError, np.linalg.LinAlgError) as exc:
+            cal, origin = None, {"scales_from": "per-session calibration",
+                                 "reason": f"joining the cluster failed ({exc})"}
+        if cal is not None:
+            cal.origin = origin
+            return cal
     medians, counts = tissue_medians(sd.images[:, idx], seg, sd.brain, use)
     if "CSF" not in medians:
         raise InputError(f"too few CSF voxels ({counts.get('CSF', 0)}) in the segmentation "
@@ -296,6 +314,7 @@ def session_calibration(sd: SessionData, contrasts: Sequence[str] | None = None,
         raise InputError(f"scale calibration failed: {exc}", session=sd.label,
                          path=sd.files.dseg) from None
     cal.n_voxels = counts
+    cal.origin = origin
     return cal
 
 
@@ -306,12 +325,15 @@ def session_calibration(sd: SessionData, contrasts: Sequence[str] | None = None,
 
 def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
                   min_head_fraction: float = 0.05, skip_incomplete: bool = False,
-                  progress: bool = False) -> dict[str, Any]:
+                  progress: bool = False,
+                  clusters: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Normalise every session once and pack its slices into memory-mapped arrays.
 
     Slices whose head mask covers less than ``min_head_fraction`` of the slice are left out.
     ``skip_incomplete``: sessions that cannot be read are listed in the index under
     ``skipped`` (with the one-line reason) instead of failing the whole pack.
+    ``clusters``: a clusters document; each session's calibrated scales (the ones the network
+    is trained with) then come from its protocol cluster (:func:`session_calibration`).
     Returns the index (also written to ``out_dir/index.json``).
     """
     out = Path(out_dir)
@@ -377,7 +399,7 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
             calib = None
             if f.dseg.is_file():
                 try:
-                    calib = session_calibration(sd)
+                    calib = session_calibration(sd, clusters=clusters)
                 except InputError as exc:
                     if not skip_incomplete:
                         raise

@@ -249,7 +249,8 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
                   brain_mask: bool = True, synth: bool = True,
                   scale_bound: float = 0.2, scaling: str | None = None,
                   smoothing: Smoothing = DEFAULT_SMOOTHING,
-                  estimator: str = DEFAULT_ESTIMATOR) -> dict[str, Any]:
+                  estimator: str = DEFAULT_ESTIMATOR,
+                  clusters: str | Path | None = None) -> dict[str, Any]:
     """Predict and write one session's maps (see the module docstring); returns a summary.
 
     ``estimator`` (:data:`~qmriflow.model.calibration.ESTIMATORS`): ``refined`` (default) the
@@ -264,6 +265,9 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     without a network).
     ``smoothing``: the edge-preserving smoothing of the data-consistent maps (calibrated
     scaling only; radius 0 = off), see :func:`~qmriflow.model.calibration.smooth_maps`.
+    ``clusters``: a ``clusters.json`` (``qmriflow cluster-fit``): the calibrated scales come
+    from the session's protocol cluster (its fit, or joining it), else from the session alone;
+    the sidecar's ``Scaling.calibration.origin`` says which and why.
     """
     t0 = time.perf_counter()
     if estimator not in ESTIMATORS:
@@ -277,6 +281,11 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     if not contrasts or any(c not in CONTRASTS for c in contrasts):
         raise InputError(f"contrasts must be a non-empty subset of {CONTRASTS}, got {contrasts}")
     method = _scaling_method(estimator, scaling, net, smoothing)
+    cluster_doc = None
+    if clusters is not None and method == "calibrated":
+        from .clusters import load_clusters
+
+        cluster_doc = load_clusters(clusters)
     calibrated = method == "calibrated"
     masked = brain_mask or net is None
     # re-synthesise every contrast whose image exists, also those not fed to the network
@@ -289,7 +298,8 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     # calibrated from, pinned to and made consistent with the network's inputs only: a contrast
     # withheld from the network is withheld from the maps altogether (it is re-synthesised)
     seg = session_seg(sd) if calibrated else None
-    calib = session_calibration(sd, contrasts, seg=seg) if calibrated else None
+    calib = (session_calibration(sd, contrasts, seg=seg, clusters=cluster_doc) if calibrated
+             else None)
     t_read = time.perf_counter() - t0
     t1 = time.perf_counter()
     if net is not None:
