@@ -391,3 +391,18 @@ def test_rician_nll_with_derivatives_matches_reference(backend):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-8)  # d1 ~ difference of O(100)
     z = m * nu / sigma**2
     assert (z > 50).sum() > 100 and (z < 50).sum() > 20  # both branches exercised
+
+
+def test_mt_factor_scales_with_r1():
+    """The magnetisation-transfer model available to the signal equations: the full WM loss
+    at the reference WM's T1, none for free water, proportional to R1 in between."""
+    f = ph.mt_factor(np.array([ph.MT_T1_WM_S, ph.MT_T1_FREE_S, 1.5, 0.3]), 0.12)
+    mid = ((1 / 1.5 - 1 / ph.MT_T1_FREE_S)
+           / (1 / ph.MT_T1_WM_S - 1 / ph.MT_T1_FREE_S))
+    np.testing.assert_allclose(f, [0.88, 1.0, 1.0 - 0.12 * mid, 1.0 - 0.12 * 1.5], rtol=1e-5)
+    p = ph.Protocol("tse", 4000.0, 80.0, mt_wm_loss=0.12)
+    assert ph.signal(p, 0.7, 0.85, 0.07) == pytest.approx(
+        0.88 * ph.signal(ph.Protocol("tse", 4000.0, 80.0), 0.7, 0.85, 0.07), rel=1e-5)
+    assert ph.Protocol.from_dict(p.as_dict()).mt_wm_loss == 0.12
+    t = ph.mt_factor(torch.tensor([0.85, 4.3]), 0.12)
+    assert torch.allclose(t, torch.tensor([0.88, 1.0]), atol=1e-5)

@@ -152,7 +152,9 @@ def _batched_signals(protocols: Sequence[physics.Protocol], logp: np.ndarray) ->
     fa = None if p0.fa_deg is None else np.array([p.fa_deg for p in protocols])
     prot = physics.Protocol(p0.sequence, tr, te, ti, fa, te_correction=1.0)  # type: ignore[arg-type]
     pd, t1, t2 = np.exp(logp).T
-    return np.asarray(physics.signal(prot, pd, t1, t2), dtype=np.float64)
+    out = np.asarray(physics.signal(prot, pd, t1, t2), dtype=np.float64)
+    mt = np.array([p.mt_wm_loss for p in protocols])
+    return out * physics.mt_factor(t1, mt) if np.any(mt) else out
 
 
 @dataclass
