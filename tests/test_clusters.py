@@ -262,6 +262,17 @@ def test_clusters_file_fits_keeps_and_joins(archive: dict, tmp_path: Path) -> No
     assert change["log_ratios_before"] == ratios
 
 
+def test_a_cluster_too_small_at_first_is_fitted_once_it_can_be(archive: dict,
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "clusters.json"
+    doc = fit_clusters(archive["a"][:2], out, min_sessions=3, log=lambda m: None)
+    (c,) = doc["clusters"].values()
+    assert c["fit"] is None and "fewer than min_sessions" in c["status"]
+    doc = fit_clusters(archive["a"][:3], out, min_sessions=3, log=lambda m: None)
+    (c,) = doc["clusters"].values()
+    assert c["fit"] is not None and len(c["fit"]["sessions"]) == 3
+
+
 def test_calibration_session_maps_and_their_failures(archive: dict, tmp_path: Path) -> None:
     dirs = archive["a"][:4]
     lab0 = "sub-A0_ses-V01"

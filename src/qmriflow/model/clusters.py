@@ -260,7 +260,8 @@ def fit_clusters(session_dirs: Sequence[str | Path], out_json: str | Path, *,
     """Group the sessions into protocol clusters, fit each (module docstring) and write
     ``out_json``. A session that cannot be read is left out with its one-line reason. With an
     existing ``out_json`` and ``refit=False`` the fitted clusters are kept as they are and new
-    sessions are only listed (they join at inference); ``refit=True`` refits and records the
+    sessions are only listed (they join at inference), while a cluster not fitted before (too
+    few sessions then) is fitted once it can be; ``refit=True`` refits and records the
     change of every cluster's ratios and level in ``history``. ``state``: where the fitted
     clusters persist between runs (default ``out_json``; a workflow whose tool deletes the
     output before rerunning keeps them in a separate file); it is written too."""
@@ -306,7 +307,7 @@ def fit_clusters(session_dirs: Sequence[str | Path], out_json: str | Path, *,
     }
     for name, labels in sorted(groups.items()):
         kept = (old or {}).get("clusters", {}).get(name)
-        if kept is not None and not refit:
+        if kept is not None and kept.get("fit") and not refit:
             new = [lab for lab in labels if lab not in kept["sessions"]]
             doc["clusters"][name] = {**kept, "pending": sorted(set(kept.get("pending", []))
                                                                | set(new))}
