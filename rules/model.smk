@@ -1,4 +1,5 @@
 import json
+import shlex
 
 # The relaxometry model (seed 000 section 2.2): pack the preprocessed slices of every session
 # once, train the self-supervised network on the archive (or use given weights), and infer
@@ -53,7 +54,7 @@ rule cluster_fit:
         CLUSTER_JSON,
     params:
         dirs=lambda w: " ".join(session_targets(OUT / "sub-{subject}" / "ses-{session}")),
-        calib=(f"--calibration {json.dumps(CLUSTERS['calibration'])!r}"
+        calib=(f"--calibration {shlex.quote(json.dumps(CLUSTERS['calibration']))}"
                if CLUSTERS["calibration"] else ""),
         state=WORK / "model" / "clusters_state.json",
         min_sessions=CLUSTERS["min_sessions"],
