@@ -34,8 +34,23 @@ def sessions():
     ]
 
 
-def session_targets(pattern):
-    return [str(pattern).format(subject=sub, session=ses) for sub, ses in sessions()]
+def usable_sessions():
+    """The sessions whose discovery found nothing wrong (status "ok"): the inputs of the
+    cohort steps (cluster fit, packing for training), so that a session already known to be
+    corrupt or incomplete does not hold back the others' maps. A session that fails later
+    (e.g. in registration) still does: `qmriflow nightly` then runs again without it."""
+    tsv = checkpoints.discover.get().output.sessions
+    return [
+        (r["subject"], r["session"])
+        for r in read_sessions_tsv(tsv)
+        if r.get("status", "ok") == "ok"
+        and f"sub-{r['subject']}_ses-{r['session']}" not in EXCLUDED
+    ]
+
+
+def session_targets(pattern, usable=False):
+    pairs = usable_sessions() if usable else sessions()
+    return [str(pattern).format(subject=sub, session=ses) for sub, ses in pairs]
 
 
 def final_outputs(wildcards):

@@ -49,11 +49,13 @@ model_outputs = lambda wildcards: [
 # it; refit explicitly with `qmriflow cluster-fit ... --refit`, which records what changed.
 rule cluster_fit:
     input:
-        lambda w: [t for p in PACK_PATTERNS for t in session_targets(p)],
+        lambda w: [t for p in PACK_PATTERNS for t in session_targets(p, usable=True)],
     output:
         CLUSTER_JSON,
     params:
-        dirs=lambda w: " ".join(session_targets(OUT / "sub-{subject}" / "ses-{session}")),
+        dirs=lambda w: " ".join(
+            session_targets(OUT / "sub-{subject}" / "ses-{session}", usable=True)
+        ),
         calib=(f"--calibration {shlex.quote(json.dumps(CLUSTERS['calibration']))}"
                if CLUSTERS["calibration"] else ""),
         state=WORK / "model" / "clusters_state.json",
@@ -75,7 +77,7 @@ rule cluster_fit:
 
 rule pack:
     input:
-        sessions=lambda w: [t for p in PACK_PATTERNS for t in session_targets(p)],
+        sessions=lambda w: [t for p in PACK_PATTERNS for t in session_targets(p, usable=True)],
         clusters=CLUSTER_JSON if USE_CLUSTERS else [],
     output:
         index=PACK / "index.json",
@@ -83,7 +85,9 @@ rule pack:
         masks=PACK / "masks.npy",
     params:
         outdir=PACK,
-        dirs=lambda w: " ".join(session_targets(OUT / "sub-{subject}" / "ses-{session}")),
+        dirs=lambda w: " ".join(
+            session_targets(OUT / "sub-{subject}" / "ses-{session}", usable=True)
+        ),
         frac=MODEL["min_head_fraction"],
         clusters=f"--clusters {CLUSTER_JSON}" if USE_CLUSTERS else "",
         prov=PROV / "pack.json",
@@ -131,6 +135,19 @@ rule train:
         "--no-progress --provenance {params.prov} &> {log}"
 
 
+def infer_clusters_input(wildcards):
+    """The clusters file as the input of one session's inference: a finished session's maps
+    stay as they are when the cluster fit is updated for new sessions (ancient); a session
+    without maps waits for the fit. (An ancient() input whose producing job has to run also
+    drops the jobs below it that have missing outputs (Snakemake 9.15), so only finished
+    sessions get it.)"""
+    if not USE_CLUSTERS:
+        return []
+    maps = [Path(str(f"{PRE}_{m}.nii.gz").format(**wildcards))
+            for m in ("T1map", "T2map", "PDmap")]
+    return ancient(CLUSTER_JSON) if all(p.is_file() for p in maps) else CLUSTER_JSON
+
+
 rule infer:
     input:
         t1w=f"{PRE}_desc-preproc_T1w.nii.gz",
@@ -140,7 +157,7 @@ rule infer:
         dseg=f"{PRE}_dseg.nii.gz",
         params=OUT / "sub-{subject}" / "ses-{session}" / f"{SES}_desc-protocol_params.json",
         checkpoint=CHECKPOINT,
-        clusters=ancient(CLUSTER_JSON) if USE_CLUSTERS else [],
+        clusters=infer_clusters_input,
     output:
         t1=f"{PRE}_T1map.nii.gz",
         t2=f"{PRE}_T2map.nii.gz",

@@ -14,8 +14,11 @@ One night = one call of :func:`run_nightly`:
    ``exclude_sessions`` = sessions that failed on ``nightly.max_attempts`` nights. Finished
    sessions are not recomputed: their outputs exist and the discovery tables are
    ``ancient()`` inputs of the per-session rules.
-4. If sessions failed, run once more without them, so that the cohort tables and pages are
-   brought up to date with every finished session (the cohort rules need all their inputs).
+4. If sessions failed, run again without those that failed on their own (a failure record,
+   a discovery error): a cohort step (the scanner-protocol cluster fit, whose gains the maps
+   use; the group tables) needs every session it lists, so one failed session would hold
+   back the good ones. If some are still unfinished, a last pass without all of them brings
+   the cohort tables and pages up to date with every finished session.
 5. Classify every discovered session from the completion markers (``<work_dir>/done/``,
    rules/done.smk) and this night's failure records, update ``<work_dir>/nightly/state.json``
    and write the night's report (``<output_dir>/reports/nightly/nightly_<stamp>.tsv`` and
@@ -252,21 +255,39 @@ def run_nightly(
                 print(f"qmriflow nightly: Snakemake's lock on {cwd} is held by another "
                       "Snakemake run; this one exits and changes nothing")
                 return EXIT_LOCKED
-            failed_now = _failure_reasons(work / "failures", start)
-            done = _done_sessions(work)
             rows_tsv = work / "sessions.tsv"
             discovered = read_sessions_tsv(rows_tsv) if rows_tsv.is_file() else []
             labels = {f"sub-{r['subject']}_ses-{r['session']}": r for r in discovered}
             skipped = {*given_up, *cfg["exclude_sessions"]}
-            pending = [s for s, r in labels.items() if not is_deferred(r)
-                       and s not in done and s not in skipped]
-            rc2 = rc
-            second = bool(pending) and rc != 0
-            if second:
-                log.write(f"second pass without {len(pending)} failed session(s): cohort "
-                          "tables of the finished sessions\n")
-                rc2, _ = _snakemake([*base, *configs([*given_up, *pending]), *snakemake_args],
-                                    log, lock.fileno(), env, cwd)
+
+            def pending() -> list[str]:
+                done = _done_sessions(work)
+                return [s for s, r in labels.items() if not is_deferred(r)
+                        and s not in done and s not in skipped]
+
+            rc2, passes = rc, []
+            # A cohort step (the cluster fit, the group tables) needs every session it lists:
+            # one failed session holds back the maps or tables of the good ones. Run again
+            # without the sessions that failed on their own (a failure record or a discovery
+            # error), then, if some still did not finish, without every unfinished one.
+            if rc != 0 and pending():
+                failed_now = _failure_reasons(work / "failures", start)
+                own = [s for s in pending() if s in failed_now
+                       or labels[s].get("status", "ok") != "ok"]
+                if own and len(own) < len(pending()):
+                    log.write(f"second pass without the {len(own)} session(s) that failed: "
+                              "the sessions held back by a cohort step\n")
+                    rc2, _ = _snakemake([*base, *configs([*given_up, *own]), *snakemake_args],
+                                        log, lock.fileno(), env, cwd)
+                    passes.append(rc2)
+                if rc2 != 0 and pending():
+                    log.write(f"pass without {len(pending())} unfinished session(s): cohort "
+                              "tables of the finished sessions\n")
+                    rc2, _ = _snakemake([*base, *configs([*given_up, *pending()]),
+                                         *snakemake_args], log, lock.fileno(), env, cwd)
+                    passes.append(rc2)
+            failed_now = _failure_reasons(work / "failures", start)
+            done = _done_sessions(work)
 
         before = {s for s, v in state["sessions"].items() if v.get("status") == "done"}
         rows = []
@@ -302,7 +323,7 @@ def run_nightly(
                   for k in ("new", "done", "failed", "deferred", "given up", "excluded")}
         ok = rc2 == 0
         summary = {"started": stamp, "seconds": round(time.time() - start, 1),
-                   "snakemake_exit": rc, "cohort_pass_exit": rc2 if second else None,
+                   "snakemake_exit": rc, "further_passes_exit": passes,
                    "counts": counts, "log": str(log_path)}
         report = _write_report(rows, summary, out / "reports" / "nightly", stamp)
         state["running"] = False
