@@ -20,6 +20,7 @@ from qmriflow.errors import InputError
 from qmriflow.io import save_nifti, write_json
 from qmriflow.model.cluster_scales import SessionObservation, fit_cluster, join_cluster
 from qmriflow.model.clusters import (
+    TISSUE_SD_MAX,
     fit_clusters,
     group_sessions,
     load_clusters,
@@ -313,6 +314,34 @@ def test_gains_that_do_not_compare_keep_the_per_session_calibration(tmp_path: Pa
     doc = fit_clusters(dirs, tmp_path / "c.json", log=lambda m: None)
     (c,) = doc["clusters"].values()
     assert c["fit"] is None and "not comparable between sessions" in c["status"]
+
+
+def test_flair_gains_that_do_not_compare_are_caught_by_the_fits_spread(tmp_path: Path) -> None:
+    """T1w/T2w gains keep their ratio, the FLAIR's gain is drawn per session: the T1w check
+    passes, but the joint fit could only explain the FLAIR by spreading the sessions' tissue
+    values far beyond biology, so the cluster keeps the per-session calibration."""
+    rng = np.random.default_rng(4)
+    dirs = []
+    for i in range(5):
+        g = float(np.exp(rng.uniform(np.log(300), np.log(3000))))
+        gains = {"T1w": g * RATIO["T1w"], "T2w": g,
+                 "FLAIR": g * float(np.exp(rng.uniform(np.log(0.3), np.log(3.0))))}
+        dirs.append(_write_session(tmp_path / "results", f"F{i}", _tissues(rng), gains, rng))
+    doc = fit_clusters(dirs, tmp_path / "c.json", log=lambda m: None)
+    (c,) = doc["clusters"].values()
+    assert c["gain_ratio_scatter"]["T1w"] < 0.1
+    assert c["fit"] is None and "not comparable between sessions" in c["status"]
+    assert max(c["tissue_scatter"].values()) > TISSUE_SD_MAX
+    assert {s["method"] for s in doc["sessions"].values()} == {"per-session"}
+    # the same sessions with one FLAIR/T2w ratio: fitted, tissue spread within biology
+    dirs = []
+    for i in range(5):
+        g = float(np.exp(rng.uniform(np.log(300), np.log(3000))))
+        gains = {c: g * RATIO[c] for c in PROTOCOLS}
+        dirs.append(_write_session(tmp_path / "ok", f"F{i}", _tissues(rng), gains, rng))
+    doc = fit_clusters(dirs, tmp_path / "c2.json", log=lambda m: None)
+    (c,) = doc["clusters"].values()
+    assert c["fit"] is not None and max(c["tissue_scatter"].values()) < 0.2
 
 
 def test_bad_cluster_options_and_files(tmp_path: Path) -> None:

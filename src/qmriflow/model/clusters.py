@@ -51,6 +51,7 @@ __all__ = [
     "CLUSTER_VERSION",
     "DEFAULT_MIN_SESSIONS",
     "DEFAULT_TOLERANCE",
+    "TISSUE_SD_MAX",
     "ObservedSession",
     "fit_clusters",
     "group_sessions",
@@ -70,6 +71,14 @@ RATIO_SD_EXPECTED = 0.25
 """Expected scatter (log-SD) of per-session T1w/T2w gain-ratio estimates when the gains *are*
 comparable: the per-session calibration's own uncertainty of the T1w scale (CSF partial volume,
 tissue priors). :func:`fit_clusters` refuses the cluster model above twice this."""
+TISSUE_SD_MAX = 0.25
+"""Largest robust log-SD across a cluster's sessions of a fitted WM or GM T1 or T2 that the
+cluster model may produce. Between adult subjects these values differ by some ten percent
+(ageing, MS, dementia shift WM T1 by 5-15 %); the yardstick phantom's ±20 % per tissue and
+±10 % brain-wide give log-SD ≈ 0.13. A fit that spreads them much further (0.25 ≈ ±28 % at one
+SD) is explaining gains that differ between sessions — the FLAIR's, which no session
+anchors on its own — as tissue differences: :func:`fit_clusters` then keeps the per-session
+calibration. A physiological bound, not tuned on the phantom."""
 ROLE = {"T1w": "t1w", "T2w": "t2w", "FLAIR": "flair"}
 _NUMERIC = ("tr_ms", "te_ms", "ti_ms", "fa_deg")
 
@@ -339,6 +348,16 @@ def fit_clusters(session_dirs: Sequence[str | Path], out_json: str | Path, *,
     return doc
 
 
+def _tissue_scatter(fit: Any) -> dict[str, float]:
+    """Robust log-SD (1.4826 × MAD) across the fit's sessions of each WM/GM T1 and T2."""
+    out = {}
+    for t in ("WM", "GM"):
+        for p, name in (("t1_s", "T1"), ("t2_s", "T2")):
+            v = np.log([s.tissues[t][p] for s in fit.sessions.values()])
+            out[f"{t} {name}"] = float(1.4826 * np.median(np.abs(v - np.median(v))))
+    return out
+
+
 def _fit_one(name: str, members: Sequence[ObservedSession], min_sessions: int,
              priors: ClusterPriors | None, log: Callable[[str], None]) -> dict[str, Any]:
     labels = [m.label for m in members]
@@ -365,11 +384,22 @@ def _fit_one(name: str, members: Sequence[ObservedSession], min_sessions: int,
         else:
             try:
                 fit = fit_cluster([m.observation for m in members], priors)
-                entry["fit"] = fit.as_dict()
-                entry["status"] = (f"fitted: {len(members)} sessions, level from "
-                                   f"{fit.level}")
             except (ValueError, np.linalg.LinAlgError) as exc:
                 entry["status"] = f"per-session calibration: cluster fit failed ({exc})"
+            else:
+                spread = _tissue_scatter(fit)
+                entry["tissue_scatter"] = spread
+                worst = max(spread, key=lambda k: spread[k])
+                if spread[worst] > TISSUE_SD_MAX:
+                    entry["status"] = (
+                        f"per-session calibration: the cluster fit spreads the sessions' "
+                        f"{worst} by {spread[worst]:.2f} (robust log-SD), more than between-"
+                        f"subject differences allow ({TISSUE_SD_MAX:.2f}): the series' gains "
+                        "are not comparable between sessions")
+                else:
+                    entry["fit"] = fit.as_dict()
+                    entry["status"] = (f"fitted: {len(members)} sessions, level from "
+                                       f"{fit.level}")
     log(f"qmriflow cluster-fit: {name}: {entry['status']}")
     return entry
 
