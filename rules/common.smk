@@ -116,3 +116,17 @@ def stats_outputs(wildcards):
     if config["stats"]["repro"]:
         targets.append(str(OUT / "group" / "reproducibility.tsv"))
     return targets
+
+
+def infer_clusters_input(wildcards):
+    """The clusters file as the input of one session's inference (rule infer, model.smk;
+    PRE, CLUSTER_JSON and USE_CLUSTERS are defined there): a finished session's maps stay as
+    they are when the cluster fit is updated for new sessions (ancient); a session
+    without maps waits for the fit. (An ancient() input whose producing job has to run also
+    drops the jobs below it that have missing outputs (Snakemake 9.15), so only finished
+    sessions get it.)"""
+    if not USE_CLUSTERS:
+        return []
+    maps = [Path(str(f"{PRE}_{m}.nii.gz").format(**wildcards))
+            for m in ("T1map", "T2map", "PDmap")]
+    return ancient(CLUSTER_JSON) if all(p.is_file() for p in maps) else CLUSTER_JSON

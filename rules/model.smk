@@ -135,19 +135,6 @@ rule train:
         "--no-progress --provenance {params.prov} &> {log}"
 
 
-def infer_clusters_input(wildcards):
-    """The clusters file as the input of one session's inference: a finished session's maps
-    stay as they are when the cluster fit is updated for new sessions (ancient); a session
-    without maps waits for the fit. (An ancient() input whose producing job has to run also
-    drops the jobs below it that have missing outputs (Snakemake 9.15), so only finished
-    sessions get it.)"""
-    if not USE_CLUSTERS:
-        return []
-    maps = [Path(str(f"{PRE}_{m}.nii.gz").format(**wildcards))
-            for m in ("T1map", "T2map", "PDmap")]
-    return ancient(CLUSTER_JSON) if all(p.is_file() for p in maps) else CLUSTER_JSON
-
-
 rule infer:
     input:
         t1w=f"{PRE}_desc-preproc_T1w.nii.gz",
