@@ -811,7 +811,13 @@ def _train_batch(bank: dict[str, Any], b: int, rng: np.random.Generator) -> dict
 def sec_training(sec: Section) -> None:
     from qmriflow.model.data import contrast_dropout
     from qmriflow.model.losses import physics_loss
-    from qmriflow.model.train import TrainConfig, _init, _to_device, resolve_precision
+    from qmriflow.model.train import (
+        TrainConfig,
+        _init,
+        _to_device,
+        network_forward,
+        resolve_precision,
+    )
     from qmriflow.model.train import _autocast as train_autocast
 
     ctx, s, dev = sec.ctx, sec.ctx.sizes, sec.ctx.dev
@@ -858,11 +864,7 @@ def sec_training(sec: Section) -> None:
 
             def step(bt: dict[str, torch.Tensor] = bt, losses: list[float] = losses) -> None:
                 keep = contrast_dropout(rng, 3, cfg.dropout)
-                x = bt["images"][:, keep]
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with train_autocast(dev, precision):
-                    maps = model(x)
+                maps = network_forward(model, bt["images"], keep, dev, precision)
                 groups = bt["groups"] if cfg.scale_group == "session" else None
                 loss, parts = physics_loss(maps.float(), bt["images"], bt["head"],
                                            bt["protocols"], groups, weights)
@@ -908,11 +910,7 @@ def sec_training(sec: Section) -> None:
 
     def trivial() -> None:
         keep = contrast_dropout(rng, 3, cfg.dropout)
-        x = bt["images"][:, keep]
-        if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with train_autocast(dev, precision):
-            maps = model(x)
+        maps = network_forward(model, bt["images"], keep, dev, precision)
         loss = (maps.float() - 1.0).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -182,6 +182,17 @@ def _autocast(dev: torch.device, precision: str):
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def network_forward(model: torch.nn.Module, images: torch.Tensor, keep: Any,
+                    dev: torch.device, precision: str) -> torch.Tensor:
+    """The training forward pass: the kept contrasts of a batch (channels-last on CUDA)
+    through the network under the training precision."""
+    x = images[:, keep]
+    if dev.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(dev, precision):
+        return model(x)
+
+
 def _evaluate(model: SharedAttnUNet, packed: PackedSlices, idx: np.ndarray, cfg: TrainConfig,
               dev: torch.device, precision: str) -> dict[str, float]:
     """Mean loss parts over ``idx`` with all three contrasts (no dropout)."""
@@ -350,11 +361,7 @@ def train(pack_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = N
             idx = train_idx[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
             keep = contrast_dropout(rng, 3, cfg.dropout)
             b = _to_device(packed.batch(idx), dev)
-            x = b["images"][:, keep]
-            if dev.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(dev, precision):
-                maps = model(x)
+            maps = network_forward(model, b["images"], keep, dev, precision)
             groups = b["groups"] if cfg.scale_group == "session" else None
             loss, parts = physics_loss(maps.float(), b["images"], b["head"], b["protocols"],
                                        groups, weights)
