@@ -22,35 +22,25 @@ FINAL_PATTERNS = [
 ]
 
 
-def sessions():
+def sessions(usable=False):
     """(subject, session) pairs discovered in the archive (complete or not: an incomplete or
     corrupt session still gets jobs, whose first step fails with its one-line reason), less
-    the deferred ones (files still arriving) and those listed in `exclude_sessions`."""
-    tsv = checkpoints.discover.get().output.sessions
-    return [
-        (r["subject"], r["session"])
-        for r in read_sessions_tsv(tsv)
-        if not is_deferred(r) and f"sub-{r['subject']}_ses-{r['session']}" not in EXCLUDED
-    ]
-
-
-def usable_sessions():
-    """The sessions whose discovery found nothing wrong (status "ok"): the inputs of the
-    cohort steps (cluster fit, packing for training), so that a session already known to be
-    corrupt or incomplete does not hold back the others' maps. A session that fails later
+    the deferred ones (files still arriving) and those listed in `exclude_sessions`.
+    usable=True: only those whose discovery found nothing wrong (status "ok"), the inputs of
+    the cohort steps (cluster fit, packing for training), so that a session already known to
+    be corrupt or incomplete does not hold back the others' maps. A session that fails later
     (e.g. in registration) still does: `qmriflow nightly` then runs again without it."""
     tsv = checkpoints.discover.get().output.sessions
     return [
         (r["subject"], r["session"])
         for r in read_sessions_tsv(tsv)
-        if r.get("status", "ok") == "ok"
+        if (r.get("status", "ok") == "ok" if usable else not is_deferred(r))
         and f"sub-{r['subject']}_ses-{r['session']}" not in EXCLUDED
     ]
 
 
 def session_targets(pattern, usable=False):
-    pairs = usable_sessions() if usable else sessions()
-    return [str(pattern).format(subject=sub, session=ses) for sub, ses in pairs]
+    return [str(pattern).format(subject=sub, session=ses) for sub, ses in sessions(usable)]
 
 
 def final_outputs(wildcards):
