@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +117,6 @@ def main() -> int:
 
 def inversion_table(tissues: object) -> dict[str, dict[str, dict[str, float]]]:
     """Slopes of the estimator's inversion per effect (module docstring), printed."""
-    from scipy import optimize
 
     from qmriflow import physics
     from qmriflow.phantom.protocols import CLUSTERS, draw_session_protocols
@@ -146,27 +146,16 @@ def inversion_table(tissues: object) -> dict[str, dict[str, dict[str, float]]]:
             return np.array([acquire(sp, ph, f, np.ones((3, 1)), t, np.ones(1), effects=eff)[0]
                              for sp, ph in zip(series, phys, strict=True)])
 
-        def model(x: np.ndarray, series=series) -> np.ndarray:
-            return np.array([float(physics.signal(sp.protocol, *np.exp(x))) for sp in series])
+        for est_name, protos in estimator_protocols(series, phys).items():
+            def model(x: np.ndarray, protos=protos) -> np.ndarray:
+                return np.array([float(physics.signal(p, *np.exp(x))) for p in protos])
 
-        for name, eff in variants.items():
-            scales = sig(ref, eff) / model(np.log(ref))
-            for i, pname in enumerate(("PD", "T1", "T2")):
-                est = []
-                for fac in (0.85, 1.15):
-                    v = ref.copy()
-                    v[i] *= fac
-                    target = np.log(sig(v, eff) / scales)
-                    x = optimize.least_squares(lambda x, t=target: np.log(model(x)) - t,
-                                               np.log(ref)).x
-                    est.append(np.exp(x))
-                for j, qname in enumerate(("PD", "T1", "T2")):
-                    slope = (est[1][j] - est[0][j]) / (0.3 * ref[i]) * ref[i] / ref[j]
-                    res.setdefault(name, {}).setdefault(f"{pname}->{qname}", []).append(slope)
+            inversions(res, est_name, variants, sig, model, ref)
     heads = [f"{p}: slope / relative leak to "
+
              + ", ".join(q for q in ("PD", "T1", "T2") if q != p) for p in ("PD", "T1", "T2")]
-    print("\n| effect | " + " | ".join(heads) + " |")
-    print("|---|---|---|---|")
+    print("\n| estimator model | effect | " + " | ".join(heads) + " |")
+    print("|---|---|---|---|---|")
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, d in res.items():
         cells = []
@@ -180,8 +169,72 @@ def inversion_table(tissues: object) -> dict[str, dict[str, dict[str, float]]]:
                                      if q != p))
         out[name] = {key: {"median": float(np.median(v)), "min": float(np.min(v)),
                            "max": float(np.max(v))} for key, v in d.items()}
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        est_name, eff_name = name.split("|")
+        print(f"| {est_name} | {eff_name} | " + " | ".join(cells) + " |")
     return out
+
+
+def estimator_protocols(series: list, phys: list) -> dict[str, list]:
+    """The estimator's protocols for a cluster's T1w/T2w/FLAIR: the seed's TE factors, the
+    workflow's echo-train model (qmriflow.params.estimator_echo_train) with the T2w angle
+    from the exam card (= the cluster's true angle, as a site would enter it) or guessed at
+    150°, and an oracle with the phantom's own trains (ideal slice, b1 = 1: not available
+    to any estimator; an upper bound)."""
+    from dataclasses import replace
+
+    from qmriflow.epg import EchoTrain
+    from qmriflow.params import EchoTrainSettings, estimator_echo_train
+    from qmriflow.phantom.generate import _series_header
+
+    def entry(sp: Any) -> dict:
+        p = sp.protocol
+        return {"role": sp.role, "sequence": p.sequence, "tr_ms": p.tr_ms, "te_ms": p.te_ms,
+                "ti_ms": p.ti_ms, "fa_deg": p.fa_deg, "acquisition": sp.acquisition,
+                "echo_train_length": sp.echo_train_length,
+                "te_correction_factor": p.te_factor}
+
+    def with_trains(settings: Any) -> list:
+        out = []
+        for sp in series:
+            train, _src = estimator_echo_train(entry(sp), _series_header(sp, 1), settings)
+            out.append(replace(sp.protocol, echo_train=None if train is None
+                               else EchoTrain.from_dict(train)))
+        return out
+
+    t2_angle = next(ph.train.refocusing_deg[0] for sp, ph in zip(series, phys, strict=True)
+                    if sp.role == "t2w")
+    return {
+        "seed TE factors": [sp.protocol for sp in series],
+        "EPG, T2w angle from exam card": with_trains(
+            EchoTrainSettings(t2w_refocusing_deg=t2_angle)),
+        "EPG, T2w angle guessed 150°": with_trains(EchoTrainSettings(t2w_refocusing_deg=150.0)),
+        "EPG, T2w TE factor": with_trains(EchoTrainSettings()),
+        "oracle: phantom's trains": [sp.protocol if ph.train is None else
+                                     replace(sp.protocol, echo_train=ph.train)
+                                     for sp, ph in zip(series, phys, strict=True)],
+    }
+
+
+def inversions(res: dict, est_name: str, variants: dict, sig: Any, model: Any,
+               ref: np.ndarray) -> None:
+    """Slopes and leaks of one estimator model under each effect variant, into ``res``."""
+    from scipy import optimize
+
+    for name, eff in variants.items():
+        scales = sig(ref, eff) / model(np.log(ref))
+        for i, pname in enumerate(("PD", "T1", "T2")):
+            est = []
+            for fac in (0.85, 1.15):
+                v = ref.copy()
+                v[i] *= fac
+                target = np.log(sig(v, eff) / scales)
+                x = optimize.least_squares(lambda x, t=target: np.log(model(x)) - t,
+                                           np.log(ref)).x
+                est.append(np.exp(x))
+            for j, qname in enumerate(("PD", "T1", "T2")):
+                slope = (est[1][j] - est[0][j]) / (0.3 * ref[i]) * ref[i] / ref[j]
+                res.setdefault(f"{est_name}|{name}", {}).setdefault(
+                    f"{pname}->{qname}", []).append(slope)
 
 
 if __name__ == "__main__":

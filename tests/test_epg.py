@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -116,3 +117,76 @@ def test_bad_trains_are_refused() -> None:
         EchoTrain(0.0, (180.0,), 1)
     with pytest.raises(ValueError, match="shorter than the echo train"):
         tse_steady_state(1.0, 0.1, EchoTrain(10.0, (180.0,) * 20, 10), 100.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the estimator's echo-train model (physics.signal with Protocol.echo_train)
+# ---------------------------------------------------------------------------------------------
+
+T2W_TRAIN = EchoTrain(12.5, (150.0,) * 16, 8)
+FLAIR_TRAIN = EchoTrain(4.0, variable_flip_schedule(120, minimum_deg=30.0, end_deg=100.0), 75)
+
+
+def _brain_like(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t1 = np.exp(rng.uniform(math.log(0.5), math.log(4.5), n))
+    t2 = np.minimum(np.exp(rng.uniform(math.log(0.04), math.log(2.2), n)), 0.9 * t1)
+    return t1, t2
+
+
+def test_echo_train_signal_matches_the_direct_phase_graph() -> None:
+    t1, t2 = _brain_like(400)
+    tse_p = physics.Protocol("tse", 4200.0, 100.0, fa_deg=90.0, echo_train=T2W_TRAIN)
+    fl_p = physics.Protocol("flair", 9000.0, 300.0, ti_ms=2500.0, fa_deg=90.0,
+                            echo_train=FLAIR_TRAIN)
+    for p, ti in ((tse_p, None), (fl_p, 2500.0)):
+        direct = np.abs(tse_steady_state(t1, t2, p.echo_train, p.tr_ms, ti_ms=ti))
+        got = physics.signal(p, 0.8, t1, t2)
+        assert isinstance(got, np.ndarray) and got.shape == t1.shape
+        # tabulated on a 40 x 40 log grid: 1e-3 of the signal's range, away from the null
+        assert np.max(np.abs(got - 0.8 * direct)) < 1e-3 * np.max(0.8 * direct)
+        away = direct > 0.05 * direct.max()
+        assert np.max(np.abs(got[away] / (0.8 * direct[away]) - 1.0)) < 2e-3
+    # the T2w model differs from the seed's mono-exponential one (the point of it) but not wildly
+    seed = physics.signal(physics.Protocol("tse", 4200.0, 100.0, fa_deg=90.0), 1.0, 0.85, 0.07)
+    epg = physics.signal(tse_p, 1.0, 0.85, 0.07)
+    assert 0.8 < float(epg) / float(seed) < 1.3 and abs(float(epg) / float(seed) - 1) > 0.01
+
+
+def test_echo_train_signal_torch_agrees_and_is_differentiable() -> None:
+    torch = pytest.importorskip("torch")
+    t1, t2 = _brain_like(50, seed=1)
+    p = physics.Protocol("flair", 9000.0, 300.0, ti_ms=2500.0, fa_deg=90.0,
+                         echo_train=FLAIR_TRAIN)
+    a = torch.tensor(t1, requires_grad=True)
+    b = torch.tensor(t2, requires_grad=True)
+    pd = torch.full((50,), 0.7, dtype=torch.float64, requires_grad=True)
+    y = physics.signal(p, pd, a, b)
+    assert np.allclose(y.detach().numpy(), physics.signal(p, 0.7, t1, t2), rtol=1e-12)
+    y.sum().backward()
+    # analytic gradient of the interpolant against central differences of the NumPy path
+    h = 1e-6
+    num_t1 = (physics.signal(p, 0.7, t1 * (1 + h), t2) - physics.signal(p, 0.7, t1 * (1 - h), t2)
+              ) / (2 * h * t1)
+    num_t2 = (physics.signal(p, 0.7, t1, t2 * (1 + h)) - physics.signal(p, 0.7, t1, t2 * (1 - h))
+              ) / (2 * h * t2)
+    assert np.allclose(a.grad.numpy(), num_t1, rtol=1e-4, atol=1e-6)
+    assert np.allclose(b.grad.numpy(), num_t2, rtol=1e-4, atol=1e-6)
+    assert np.allclose(pd.grad.numpy(), physics.signal(p, 1.0, t1, t2), rtol=1e-12)
+
+
+def test_echo_train_protocol_round_trips_and_is_refused_where_meaningless() -> None:
+    p = physics.Protocol("flair", 9000.0, 300.0, ti_ms=2500.0, fa_deg=90.0,
+                         echo_train=FLAIR_TRAIN)
+    d = json.loads(json.dumps(p.as_dict()))
+    assert d["signal_model"] == "epg" and d["echo_train"]["echo_train_length"] == 120
+    q = physics.Protocol.from_dict(d)
+    assert q.echo_train == FLAIR_TRAIN
+    assert physics.signal(q, 1.0, 0.85, 0.07) == physics.signal(p, 1.0, 0.85, 0.07)
+    plain = physics.Protocol.from_dict({**d, "echo_train": None})
+    assert plain.signal_model == "te-factor" and plain.echo_train is None
+    with pytest.raises(ValueError, match="tse/flair"):
+        physics.Protocol("gre", 5.0, 2.3, fa_deg=10.0, echo_train=T2W_TRAIN)
+    with pytest.raises(ValueError, match="scalar TR"):
+        physics.signal(physics.Protocol("tse", np.array([4000.0, 4100.0]), 100.0,  # type: ignore[arg-type]
+                                        echo_train=T2W_TRAIN), 1.0, 0.85, 0.07)

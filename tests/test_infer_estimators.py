@@ -235,3 +235,59 @@ def test_refusals_are_one_line(session, checkpoint, tmp_path, capsys):
                "network-free", *common])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "\n" not in err and "sub-N01_ses-V01" in err and "dseg" in err
+
+
+def test_echo_train_sessions_are_fitted_with_their_trains(tmp_path, checkpoint):
+    """A session whose T2w/FLAIR were drawn with echo trains (EPG) and whose parameters say so:
+    the default estimators fit the train, the sidecars say which model each contrast used, and
+    ``scaling: seed`` (the published method) keeps the seed's TE factors."""
+    from qmriflow.epg import EchoTrain, variable_flip_schedule
+    from qmriflow.io import save_nifti, write_json
+
+    sdir = write_tiny_session(tmp_path / "results", "E01", "V01", seed=5, snr=np.inf)
+    label = _label(sdir)
+    params_path = sdir / f"{label}_desc-protocol_params.json"
+    params = json.loads(params_path.read_text())
+    trains = {"t2w": EchoTrain(params["t2w"]["te_ms"] / 8, (140.0,) * 16, 8),
+              "flair": EchoTrain(4.0, variable_flip_schedule(160, minimum_deg=35.0,
+                                                             end_deg=110.0),
+                                 round(params["flair"]["te_ms"] / 4.0))}
+    truth = {k: np.asarray(nib.load(str(sdir / "truth" / f"{k}.nii.gz")).dataobj, np.float64)
+             for k in ("pd", "t1", "t2")}
+    for role, name in (("t2w", "T2w"), ("flair", "FLAIR")):
+        params[role]["echo_train"] = trains[role].as_dict()
+        params[role]["echo_train_source"] = f"test: {role} train given"
+        proto = physics.Protocol.from_dict(params[role])
+        assert proto.signal_model == "epg"
+        img_path = sdir / "anat" / f"{label}_space-T2w_desc-preproc_{name}.nii.gz"
+        img = nib.load(str(img_path))
+        s = np.asarray(physics.signal(proto, truth["pd"], truth["t1"], truth["t2"]))
+        save_nifti(img_path, 1000.0 * s, img.affine)
+    write_json(params_path, params)
+
+    out = tmp_path / "nf"
+    infer_session(sdir, None, out, estimator="network-free", smoothing=Smoothing(radius=0),
+                  synth=False, threads=1)
+    side = _sidecar(map_paths(out, label)["T1map"])
+    models = side["SignalModels"]
+    assert models["T1w"] == {"model": "te-factor"}
+    for c in ("T2w", "FLAIR"):
+        assert models[c]["model"] == "epg" and models[c]["Source"].startswith("test:")
+        assert models[c]["EchoTrain"]["echo_train_length"] == trains[c.lower()].length
+    # the fit is consistent with the trains: WM/GM T2 means near the truth the images hold
+    maps = _maps(out, label).transpose(1, 0, 2, 3)
+    seg = session_seg(load_session(sdir))
+    t = np.moveaxis(truth["t2"], 2, 0)
+    for lab in (1, 2):
+        assert maps[2][seg == lab].mean() == pytest.approx(t[seg == lab].mean(), rel=0.1)
+    # the published method: no echo trains, the seed's TE factors (and the sidecar says so)
+    seed_ckpt = tmp_path / "seed.pt"
+    save_checkpoint(seed_ckpt, {"format": FORMAT, "width": 8, "epoch": 0,
+                                "state_dict": SharedAttnUNet(8).state_dict(),
+                                "hyperparameters": {"scaling": "seed"}})
+    infer_session(sdir, seed_ckpt, tmp_path / "seed", estimator="network-only",
+                  scaling="seed", synth=False, **RUN)
+    models = _sidecar(map_paths(tmp_path / "seed", label)["T1map"])["SignalModels"]
+    for c in ("T2w", "FLAIR"):
+        assert models[c]["model"] == "te-factor" and "published method" in models[c]["Source"]
+        assert models[c]["TECorrectionFactor"] == params[c.lower()]["te_correction_factor"]

@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import InputError, QmriflowError
@@ -195,7 +196,26 @@ def _params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--te-correction", default="",
                    help="comma list, e.g. tse=0.9,flair=0.42,flair_short=0.89,"
                         "flair_short_te_ms=200")
+    p.add_argument("--echo-train", default="",
+                   help="comma list of physics.echo_train settings, e.g. model=auto,"
+                        "t2w_refocusing_deg=150,flair_3d_schedule=assumed (model=off: the "
+                        "seed's TE factors only)")
     _session_args(p)
+
+
+def _echo_train_settings(text: str, label: str) -> Any:
+    """``--echo-train`` -> :class:`~qmriflow.params.EchoTrainSettings` (one-line error)."""
+    from .params import EchoTrainSettings
+
+    values: dict[str, Any] = {}
+    try:
+        for kv in (x for x in text.split(",") if x):
+            k, v = kv.split("=")
+            values[k] = (None if v in ("", "null", "None") else float(v)
+                         if k.endswith("_deg") else v)
+        return EchoTrainSettings(**values)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"bad --echo-train {text!r}: {exc}", session=label) from None
 
 
 @command("params", "extract and validate one session's acquisition parameters (JSON)")
@@ -215,12 +235,14 @@ def _params(a: argparse.Namespace) -> int:
         raise InputError(f"bad --te-correction: {exc}", session=label) from None
     rows = [r for r in read_series_tsv(a.series_tsv)
             if r["subject"] == a.subject and r["session"] == a.session]
+    trains = _echo_train_settings(a.echo_train, label)
     params = extract_session_params(converted_sidecars(a.session_dir), rows,
                                     require_3t=not a.allow_non_3t, te_correction=tec,
-                                    session=label)
+                                    session=label, echo_train=trains)
     write_json(a.out_json, params)
     _provenance(a, "params", {"require_3t": not a.allow_non_3t,
-                              "te_correction": tec.__dict__})
+                              "te_correction": tec.__dict__,
+                              "echo_train": dict(trains.__dict__)})
     print(f"{label}: parameters valid")
     return 0
 

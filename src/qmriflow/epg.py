@@ -30,16 +30,23 @@ FLAIR) follow in closed form.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
+    "TABLE_NODES",
+    "TABLE_T1_S",
+    "TABLE_T2_S",
     "EchoTrain",
+    "SignalTable",
     "cpmg",
     "cpmg_affine",
     "equivalent_te_ms",
+    "steady_state_table",
     "tse_steady_state",
     "variable_flip_schedule",
 ]
@@ -82,7 +89,17 @@ class EchoTrain:
         return {"echo_spacing_ms": self.esp_ms, "echo_train_length": self.length,
                 "centre_echo": self.centre_echo, "centre_te_ms": self.centre_te_ms,
                 "excitation_deg": self.excitation_deg,
-                "refocusing_deg": [round(a, 3) for a in self.refocusing_deg]}
+                "refocusing_deg": [float(a) for a in self.refocusing_deg]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> EchoTrain:
+        """Inverse of :meth:`as_dict` (``echo_train_length`` and ``centre_te_ms`` are
+        derived and ignored)."""
+        angles = d["refocusing_deg"]
+        if not isinstance(angles, list | tuple):
+            raise ValueError("echo_train.refocusing_deg must be a list of angles")
+        return cls(float(d["echo_spacing_ms"]), tuple(float(a) for a in angles),  # type: ignore[arg-type]
+                   int(d["centre_echo"]), float(d.get("excitation_deg", 90.0)))  # type: ignore[arg-type]
 
 
 def _rotation(alpha: np.ndarray, phi: float) -> tuple[np.ndarray, ...]:
@@ -241,3 +258,49 @@ def equivalent_te_ms(train: EchoTrain, *, t1_ref_s: float = 1.0, t2_ref_s: float
     ideal, _ = cpmg(1e9, 1e9, train)
     ratio = abs(relaxed[..., idx]) / max(abs(ideal[..., idx]), 1e-12)
     return float(-t2_ref_s * 1000.0 * math.log(max(ratio, 1e-12)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the estimator's view: a steady-state signal table over (log T1, log T2)
+# ---------------------------------------------------------------------------------------------
+
+TABLE_T1_S = (0.1, 8.0)
+"""T1 range (s) of :func:`steady_state_table`; outside it the signal is held at the edge."""
+TABLE_T2_S = (0.01, 4.0)
+"""T2 range (s) of :func:`steady_state_table`."""
+TABLE_NODES = 40
+"""Nodes per axis, log-spaced; cubic interpolation between them is accurate to ~1e-4 of the
+signal (tests/test_epg.py)."""
+
+
+@dataclass(frozen=True, eq=False)
+class SignalTable:
+    """Centre-echo steady-state signal per unit PD of one protocol on a log-spaced grid:
+    ``values[i, j]`` at T1 = exp(lo[0] + i·step[0]) s, T2 = exp(lo[1] + j·step[1]) s; signed
+    (negative where a FLAIR's longitudinal magnetisation is still inverted at excitation)."""
+
+    lo: tuple[float, float]
+    step: tuple[float, float]
+    values: np.ndarray
+
+
+@functools.lru_cache(maxsize=64)
+def steady_state_table(train: EchoTrain, tr_ms: float, ti_ms: float | None = None
+                       ) -> SignalTable:
+    """:func:`tse_steady_state` at ideal transmit (b1 = 1, perfect inversion) tabulated for
+    an estimator: the estimator knows the train from the headers (or assumes it), not the
+    subject's transmit field, slice profile or inversion efficiency. Cached per protocol
+    (a 170-echo train takes a few seconds)."""
+    lo = (math.log(TABLE_T1_S[0]), math.log(TABLE_T2_S[0]))
+    hi = (math.log(TABLE_T1_S[1]), math.log(TABLE_T2_S[1]))
+    n = TABLE_NODES
+    g1 = np.exp(np.linspace(lo[0], hi[0], n))
+    g2 = np.exp(np.linspace(lo[1], hi[1], n))
+    t1, t2 = np.meshgrid(g1, g2, indexing="ij")
+    # the whole grid, T2 > T1 included (unphysical, but finite and smooth: the interpolant
+    # near T2 ≈ T1 then needs no special edge)
+    vals = tse_steady_state(t1, t2, train, float(tr_ms),
+                            ti_ms=None if ti_ms is None else float(ti_ms)).real
+    vals.setflags(write=False)
+    step = ((hi[0] - lo[0]) / (n - 1), (hi[1] - lo[1]) / (n - 1))
+    return SignalTable(lo, step, vals)

@@ -34,15 +34,20 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .classify import image_kind
+from .epg import EchoTrain, variable_flip_schedule
 from .errors import InputError
 from .physics import SEQUENCES, TECorrection, te_correction_factor
 
 __all__ = [
+    "ASSUMED_3D_SCHEDULE",
     "IRGRE_MIN_TR_MS",
+    "EchoTrainSettings",
+    "estimator_echo_train",
     "extract_series_params",
     "extract_session_params",
     "intensity_scaling",
@@ -138,6 +143,130 @@ def extract_series_params(
         "te_correction_factor": _te_factor(sequence, te, te_correction),
         "intensity_scaling": intensity_scaling(sidecar_meta),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# the echo train the estimator simulates (issue 22: an estimator that models what TSE does)
+# ---------------------------------------------------------------------------------------------
+
+ASSUMED_3D_SCHEDULE = {"start_deg": 150.0, "minimum_deg": 30.0, "end_deg": 100.0,
+                       "echo_spacing_ms": 4.0}
+"""Variable refocusing angles assumed for a long 3D TSE (SPACE/VISTA/CUBE) whose schedule
+the headers do not give: a fast decay from 150° to a 30° plateau carried by stimulated
+echoes, rising to 100° at the end of the train, 4 ms apart (the shape of Busse et al. MRM
+2006 and Mugler JMRI 2014; the vendors' exact schedules are proprietary and depend on the
+protocol's T1/T2 targets). An assumption of the estimator, stated in the sidecar."""
+LONG_TRAIN = 40
+"""A 3D TSE with at least this many echoes per train is taken to use variable angles."""
+
+
+@dataclass(frozen=True)
+class EchoTrainSettings:
+    """How the estimator models echo trains (config ``physics.echo_train``).
+
+    ``model``: ``auto`` — simulate the train (extended phase graphs) where its refocusing
+    angles are known: a ``RefocusingFlipAngle`` sidecar field, a TSE ``FlipAngle`` above 90°
+    (Siemens writes the refocusing angle there), or the site's value below; ``off`` — the
+    seed's TE factors everywhere. ``t2w_refocusing_deg``/``flair_refocusing_deg``: the
+    constant refocusing angle of the site's 2D T2w/FLAIR protocol (from its exam card) when
+    the headers do not give it. ``flair_3d_schedule``: ``assumed`` — a long 3D FLAIR train
+    uses :data:`ASSUMED_3D_SCHEDULE`; ``off`` — the TE factor."""
+
+    model: str = "auto"
+    t2w_refocusing_deg: float | None = None
+    flair_refocusing_deg: float | None = None
+    flair_3d_schedule: str = "assumed"
+
+    def __post_init__(self) -> None:
+        if self.model not in ("auto", "off"):
+            raise ValueError(f"physics.echo_train.model must be auto or off, got {self.model!r}")
+        if self.flair_3d_schedule not in ("assumed", "off"):
+            raise ValueError("physics.echo_train.flair_3d_schedule must be assumed or off, "
+                             f"got {self.flair_3d_schedule!r}")
+        for k in ("t2w_refocusing_deg", "flair_refocusing_deg"):
+            v = getattr(self, k)
+            if v is not None and not 60.0 <= float(v) <= 180.0:
+                raise ValueError(f"physics.echo_train.{k} must be in [60, 180]°, got {v!r}")
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any] | None) -> EchoTrainSettings:
+        return cls(**dict(m or {}))
+
+
+def estimator_echo_train(entry: Mapping[str, Any], sidecar_meta: Mapping[str, Any],
+                         settings: EchoTrainSettings | None = None
+                         ) -> tuple[dict[str, Any] | None, str]:
+    """The echo train the estimator will simulate for one T2w/FLAIR series, or None, and a
+    one-line statement of where it came from (written to the protocol sidecar).
+
+    Needed: the echo train length (``EchoTrainLength``), the refocusing angle(s) and the
+    echo spacing. A constant-angle train (2D TSE/FLAIR, short 3D trains) takes its angle
+    from the sidecar (``RefocusingFlipAngle``; a ``FlipAngle`` above 90°, which Siemens
+    writes for TSE) or from the site's settings, and assumes linear phase-encode order: the
+    header's TE is echo ⌈ETL/2⌉, so the spacing is TE/⌈ETL/2⌉. A long 3D train (ETL ≥
+    :data:`LONG_TRAIN`) takes :data:`ASSUMED_3D_SCHEDULE` when allowed, its centre echo at
+    the header's TE. Anything missing or inconsistent (a TR too short for the train): None,
+    and the seed's TE factor applies."""
+    st = settings or EchoTrainSettings()
+    seq, role = entry.get("sequence"), entry.get("role")
+    if seq not in ("tse", "flair") or role not in ("t2w", "flair"):
+        return None, "not an echo-train series"
+    factor = entry.get("te_correction_factor")
+    fallback = f"seed TE factor {factor:g}" if isinstance(factor, float) else "seed TE factor"
+    if st.model == "off":
+        return None, f"{fallback} (physics.echo_train.model: off)"
+    etl_v = entry.get("echo_train_length")
+    te, tr = entry.get("te_ms"), entry.get("tr_ms")
+    ti = entry.get("ti_ms") if seq == "flair" else None
+    if etl_v is None or not math.isfinite(float(etl_v)) or int(etl_v) < 2:
+        return None, f"{fallback}: the sidecar gives no EchoTrainLength > 1"
+    etl = int(etl_v)
+    if te is None or tr is None or not (math.isfinite(te) and math.isfinite(tr)) or te <= 0:
+        return None, f"{fallback}: no usable TE/TR"
+    three_d = str(entry.get("acquisition") or "").upper() == "3D"
+    if three_d and etl >= LONG_TRAIN:
+        if st.flair_3d_schedule != "assumed" or seq != "flair":
+            return None, (f"{fallback}: variable refocusing angles of a {etl}-echo 3D train "
+                          "are not in the headers")
+        esp = float(ASSUMED_3D_SCHEDULE["echo_spacing_ms"])
+        centre = round(te / esp)
+        if centre > etl:
+            esp, centre = te / etl, etl
+        centre = max(centre, 1)
+        angles = variable_flip_schedule(
+            etl, start_deg=ASSUMED_3D_SCHEDULE["start_deg"],
+            minimum_deg=ASSUMED_3D_SCHEDULE["minimum_deg"],
+            end_deg=ASSUMED_3D_SCHEDULE["end_deg"])
+        source = (f"EPG, {etl}-echo 3D train from EchoTrainLength; variable refocusing angles "
+                  f"ASSUMED ({ASSUMED_3D_SCHEDULE['start_deg']:g}° → "
+                  f"{ASSUMED_3D_SCHEDULE['minimum_deg']:g}° → "
+                  f"{ASSUMED_3D_SCHEDULE['end_deg']:g}°, spacing {esp:.3g} ms assumed, "
+                  f"centre echo {centre} at the header's TE)")
+    else:
+        angle, where = None, ""
+        rfa = _number(sidecar_meta.get("RefocusingFlipAngle"))
+        fa = entry.get("fa_deg")
+        site = st.t2w_refocusing_deg if role == "t2w" else st.flair_refocusing_deg
+        if rfa is not None and math.isfinite(rfa) and 60.0 <= rfa <= 180.0:
+            angle, where = rfa, "sidecar RefocusingFlipAngle"
+        elif fa is not None and math.isfinite(fa) and 90.0 < fa <= 180.0:
+            angle, where = float(fa), "FlipAngle > 90° read as the refocusing angle"
+        elif site is not None:
+            angle, where = float(site), f"physics.echo_train.{role}_refocusing_deg"
+        if angle is None:
+            return None, (f"{fallback}: the headers give no refocusing angle (set "
+                          f"physics.echo_train.{role}_refocusing_deg from the exam card)")
+        centre = math.ceil(etl / 2)
+        esp = te / centre
+        angles = (angle,) * etl
+        source = (f"EPG, {etl}-echo train at {angle:g}° ({where}); linear phase-encode order "
+                  f"assumed: centre echo {centre}, spacing {esp:.4g} ms")
+    train = EchoTrain(round(esp, 6), tuple(round(a, 3) for a in angles), int(centre))
+    busy = train.duration_ms + (float(ti) if ti is not None else 0.0)
+    if busy >= tr:
+        return None, (f"{fallback}: a {etl}-echo train of {train.duration_ms:.0f} ms does not "
+                      f"fit in TR {tr:g} ms")
+    return train.as_dict(), source
 
 
 def intensity_scaling(sidecar_meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -352,6 +481,7 @@ def extract_session_params(
     te_correction: TECorrection | Mapping[str, Any] | None = None,
     session: str | None = None,
     required_roles: Sequence[str] = SINGLE_ROLES,
+    echo_train: EchoTrainSettings | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Session JSON from converted sidecars, validated.
 
@@ -361,9 +491,14 @@ def extract_session_params(
     session's, or all: with ``session="sub-X_ses-Y"`` they are narrowed to it) giving
     sequence, gadolinium and series_id. Raises :class:`InputError` naming ``session`` and the
     sidecar (:func:`validate_session_params`).
+    ``echo_train``: how T2w/FLAIR echo trains are modelled
+    (:class:`EchoTrainSettings`); each such entry gets ``signal_model`` (``epg`` or
+    ``te-factor``), ``echo_train`` (the train, or None) and ``echo_train_source`` (one line:
+    where the train came from, or why the TE factor is used).
     """
     rows = _session_rows(series_rows, session)
     out: dict[str, Any] = {"session": session, **{r: None for r in SINGLE_ROLES}, "megre": []}
+    metas: dict[str, Mapping[str, Any]] = {}
     for key, sidecars in converted.items():
         role, _, sid = key.partition(":")
         if role not in (*SINGLE_ROLES, "megre"):
@@ -397,6 +532,7 @@ def extract_session_params(
                for _p, m in mags]
         entry = per[0]
         entry["sidecar"] = str(mags[0][0])
+        metas[role] = mags[0][1]
         if role == "megre":
             differ = _same(per, ("tr_ms", "fa_deg", "field_strength_t"))
             entry["echo_times_ms"] = [t for e in per for t in e["echo_times_ms"]]
@@ -415,4 +551,15 @@ def extract_session_params(
             out[role] = entry
     out["megre"].sort(key=lambda e: e["series_id"])
     validate_session_params(out, require_3t, session, required_roles=required_roles)
+    settings = (echo_train if isinstance(echo_train, EchoTrainSettings)
+                else EchoTrainSettings.from_mapping(echo_train))
+    for role in ("t2w", "flair"):
+        entry = out.get(role)
+        if entry is None:
+            continue
+        meta = metas[role]
+        train, source = estimator_echo_train(entry, meta, settings)
+        entry["signal_model"] = "epg" if train is not None else "te-factor"
+        entry["echo_train"] = train
+        entry["echo_train_source"] = source
     return out

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .epg import EchoTrain
+
 __all__ = [
     "DEFAULT_FAT_PPM",
     "DEFAULT_FAT_RELATIVE_AMPLITUDES",
@@ -44,6 +46,7 @@ __all__ = [
     "TECorrection",
     "cse_magnitude",
     "cse_magnitude_jacobian",
+    "echo_train_signal",
     "flair",
     "ir_gre",
     "log_i0",
@@ -355,17 +358,31 @@ class Protocol:
     mt_wm_loss: float = 0.0
     """Magnetisation-transfer saturation of this series (:func:`mt_factor`): the fractional
     signal loss of reference WM; 0 = none (3D and single-slice series)."""
+    echo_train: EchoTrain | None = None
+    """The TSE/FLAIR echo train (:class:`qmriflow.epg.EchoTrain`): when set, :func:`signal`
+    uses the extended-phase-graph steady state of that train (:func:`echo_train_signal`)
+    instead of the mono-exponential model with a TE factor; ``None``: the seed's model."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sequence", _check_sequence(self.sequence))
+        if self.echo_train is not None and self.sequence not in ("tse", "flair"):
+            raise ValueError(f"an echo train applies to tse/flair, not {self.sequence}")
         if self.sequence in ("flair", "irgre") and self.ti_ms is None:
             raise ValueError(f"{self.sequence} needs an inversion time (ti_ms)")
         if self.sequence in ("gre", "irgre") and self.fa_deg is None:
             raise ValueError(f"{self.sequence} needs a flip angle (fa_deg)")
 
     @property
+    def signal_model(self) -> str:
+        """``"epg"`` (echo train simulated) or ``"te-factor"`` (seed: mono-exponential with
+        the TE correction; also every non-TSE sequence)."""
+        return "epg" if self.echo_train is not None else "te-factor"
+
+    @property
     def te_factor(self) -> float:
-        """The TE-correction factor that :func:`signal` applies for this protocol."""
+        """The TE-correction factor of the mono-exponential model (what :func:`signal`
+        applies without an echo train; with one, the train carries the T2 weighting and the
+        factor serves only the network's mono-exponential training loss)."""
         if isinstance(self.te_correction, (int, float)) and not isinstance(
             self.te_correction, bool
         ):
@@ -389,6 +406,8 @@ class Protocol:
             "fa_deg": self.fa_deg,
             "te_correction_factor": self.te_factor,
             "mt_wm_loss": self.mt_wm_loss,
+            "signal_model": self.signal_model,
+            "echo_train": None if self.echo_train is None else self.echo_train.as_dict(),
         }
 
     @classmethod
@@ -402,6 +421,8 @@ class Protocol:
             fa_deg=None if d.get("fa_deg") is None else float(d["fa_deg"]),
             te_correction=None if tc is None else float(tc),
             mt_wm_loss=float(d.get("mt_wm_loss") or 0.0),
+            echo_train=(None if not d.get("echo_train")
+                        else EchoTrain.from_dict(d["echo_train"])),
         )
 
 
@@ -412,13 +433,86 @@ def signal(protocol: Protocol, pd: Any, t1_s: Any, t2_s: Any) -> Any:
         return spoiled_gre(pd, t1_s, t2_s, p.tr_ms, p.te_ms, p.fa_deg)
     if p.sequence == "se":
         return spin_echo(pd, t1_s, t2_s, p.tr_ms, p.te_ms, 90.0 if p.fa_deg is None else p.fa_deg)
-    if p.sequence == "tse":
+    if p.echo_train is not None:
+        s = echo_train_signal(pd, t1_s, t2_s, p)
+    elif p.sequence == "tse":
         s = tse(pd, t1_s, t2_s, p.tr_ms, p.te_ms, te_correction=p.te_factor)
     elif p.sequence == "flair":
         s = flair(pd, t1_s, t2_s, p.tr_ms, p.te_ms, p.ti_ms, te_correction=p.te_factor)
     else:
         return ir_gre(pd, t1_s, t2_s, p.tr_ms, p.te_ms, p.ti_ms, p.fa_deg)
     return s * mt_factor(t1_s, p.mt_wm_loss) if p.mt_wm_loss else s
+
+
+def _cubic_weights(f: Any) -> tuple[Any, Any, Any, Any]:
+    """Catmull-Rom weights of the four nodes around fractional position ``f`` in [0, 1]."""
+    f2 = f * f
+    f3 = f2 * f
+    return ((-f3 + 2.0 * f2 - f) * 0.5, (3.0 * f3 - 5.0 * f2 + 2.0) * 0.5,
+            (-3.0 * f3 + 4.0 * f2 + f) * 0.5, (f3 - f2) * 0.5)
+
+
+_TABLE_TENSORS: dict[tuple[int, str, str], Any] = {}
+
+
+def echo_train_signal(pd: Any, t1_s: Any, t2_s: Any, protocol: Protocol) -> Any:
+    """Magnitude TSE/FLAIR signal of ``protocol``'s echo train: PD × the extended-phase-graph
+    steady state of the centre echo (:func:`qmriflow.epg.steady_state_table`: ideal transmit,
+    perfect inversion), interpolated (cubic, in log T1 and log T2) — smooth, so gradients and
+    finite differences behave; NumPy or torch (differentiable in PD, T1 and T2). TR and TI
+    must be scalars (one table per protocol)."""
+    from .epg import steady_state_table
+
+    p = protocol
+    assert p.echo_train is not None
+    if np.ndim(p.tr_ms) or (p.ti_ms is not None and np.ndim(p.ti_ms)) or _is_torch(p.tr_ms):
+        raise ValueError("an echo-train protocol needs scalar TR/TI (one table per protocol)")
+    table = steady_state_table(p.echo_train, float(p.tr_ms),
+                               None if p.sequence != "flair" or p.ti_ms is None
+                               else float(p.ti_ms))
+    xp, (pd, t1, t2) = _prep(pd, t1_s, t2_s)
+    n1, n2 = table.values.shape
+    if xp is _NUMPY:
+        vals = table.values.reshape(-1)
+        t1, t2 = np.broadcast_arrays(t1, t2)
+
+        def floor(u: Any) -> Any:
+            return np.floor(u)
+
+        def take(idx: Any) -> Any:
+            return vals[idx]
+    else:
+        torch = xp.torch
+        t1, t2 = torch.broadcast_tensors(t1, t2)
+        key = (id(table), str(t1.device), str(t1.dtype))
+        vals = _TABLE_TENSORS.get(key)
+        if vals is None:
+            if len(_TABLE_TENSORS) > 256:
+                _TABLE_TENSORS.clear()
+            vals = torch.as_tensor(np.array(table.values.reshape(-1)), dtype=t1.dtype,
+                                   device=t1.device)
+            _TABLE_TENSORS[key] = vals
+
+        def floor(u: Any) -> Any:
+            return torch.floor(u.detach())
+
+        def take(idx: Any) -> Any:
+            return vals[idx.long()]
+    acc = None
+    u1 = xp.clamp((xp.log(xp.maximum(t1, 1e-9)) - table.lo[0]) / table.step[0], 0.0, n1 - 1.0)
+    u2 = xp.clamp((xp.log(xp.maximum(t2, 1e-9)) - table.lo[1]) / table.step[1], 0.0, n2 - 1.0)
+    i1 = xp.clamp(floor(u1), 0.0, n1 - 2.0)
+    i2 = xp.clamp(floor(u2), 0.0, n2 - 2.0)
+    w1 = _cubic_weights(u1 - i1)
+    w2 = _cubic_weights(u2 - i2)
+    for a in range(4):
+        r = xp.clamp(i1 + (a - 1), 0.0, n1 - 1.0) * n2
+        for b in range(4):
+            c = xp.clamp(i2 + (b - 1), 0.0, n2 - 1.0)
+            idx = (r + c).astype(np.int64) if xp is _NUMPY else r + c
+            term = w1[a] * w2[b] * take(idx)
+            acc = term if acc is None else acc + term
+    return xp.abs(pd * acc)
 
 
 # ---------------------------------------------------------------------------------------------

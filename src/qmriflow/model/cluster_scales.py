@@ -146,6 +146,16 @@ def _batched_signals(protocols: Sequence[physics.Protocol], logp: np.ndarray) ->
     """Signals of tissues with log-parameters ``logp`` (N, 3) under N protocols of one
     sequence (one per row), vectorised: the TE factor is applied per row."""
     p0 = protocols[0]
+    if any(p.echo_train is not None for p in protocols):
+        # echo-train models are tabulated per protocol: one call per distinct protocol
+        out = np.empty(len(protocols))
+        groups: dict[physics.Protocol, list[int]] = {}
+        for i, p in enumerate(protocols):
+            groups.setdefault(p, []).append(i)
+        for p, rows in groups.items():
+            pd, t1, t2 = np.exp(logp[rows]).T
+            out[rows] = np.asarray(physics.signal(p, pd, t1, t2), dtype=np.float64)
+        return out
     tr = np.array([p.tr_ms for p in protocols])
     te = np.array([p.te_ms * p.te_factor for p in protocols])
     ti = None if p0.ti_ms is None else np.array([p.ti_ms for p in protocols])

@@ -45,7 +45,7 @@ from .calibration import (
     tissue_medians,
     tissue_weights,
 )
-from .losses import protocol_row
+from .losses import protocol_row, training_scale
 from .normalise import CONTRASTS, head_mask, mode_normalise
 
 __all__ = [
@@ -414,7 +414,8 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
                 "protocols": {c: sd.protocols[c].as_dict() for c in CONTRASTS},
                 "protocol_rows": rows,
                 "calibrated_rows": None if calib is None else [
-                    [*r[:5], calib.scales[c]] for r, c in zip(rows, CONTRASTS, strict=True)],
+                    [*r[:5], training_scale(sd.protocols[c], calib.scales[c])]
+                    for r, c in zip(rows, CONTRASTS, strict=True)],
                 "calibration": None if calib is None else calib.as_dict(),
             })
             slice_session.extend([si] * k)

@@ -39,6 +39,7 @@ used and the input files.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,12 +70,14 @@ from .calibration import (
 )
 from .checkpoint import load_model
 from .data import (
+    ROLE,
     load_session,
     session_calibration,
     session_files,
     session_seg,
     session_tissue_voxels,
 )
+from .losses import mono_exponential
 from .normalise import CONTRASTS
 from .train import resolve_device, resolve_precision
 
@@ -126,6 +129,31 @@ def predict_maps(model: torch.nn.Module, images: np.ndarray, *, device: torch.de
             out[i:i + batch_size] = y.float()[..., :h, :w].cpu().numpy()
     if mask is not None:
         out *= mask[:, None].astype(np.float32)
+    return out
+
+
+def signal_models(protocols: dict[str, physics.Protocol], contrasts: tuple[str, ...],
+                  params_json: Path) -> dict[str, dict[str, Any]]:
+    """Per contrast, the signal model the maps were fitted with (for the sidecars): ``epg``
+    with its echo train and where the train came from, or ``te-factor`` with the factor."""
+    try:
+        entries = json.loads(Path(params_json).read_text())
+    except (OSError, ValueError):
+        entries = {}
+    out: dict[str, dict[str, Any]] = {}
+    for c in contrasts:
+        p = protocols[c]
+        entry = entries.get(ROLE[c]) if isinstance(entries, dict) else None
+        rec: dict[str, Any] = {"model": p.signal_model}
+        if p.echo_train is not None:
+            rec["EchoTrain"] = p.echo_train.as_dict()
+        elif p.sequence in ("tse", "flair"):
+            rec["TECorrectionFactor"] = p.te_factor
+        if isinstance(entry, dict) and entry.get("echo_train_source"):
+            rec["Source"] = entry["echo_train_source"] if p.echo_train is not None else (
+                "seed TE factor (scaling: seed is the published method)"
+                if entry.get("echo_train") else entry["echo_train_source"])
+        out[c] = rec
     return out
 
 
@@ -294,6 +322,9 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
                                                            and present[c].is_file()))
     # the head mask (and so the normalisation) from the inputs too
     sd = load_session(session_dir, subject, session, need, keep_raw=True, head_from=contrasts)
+    if not calibrated:
+        # the published method exactly: the seed's mono-exponential models, no echo trains
+        sd.protocols = {c: mono_exponential(p) for c, p in sd.protocols.items()}
     sel = [need.index(c) for c in contrasts]
     # calibrated from, pinned to and made consistent with the network's inputs only: a contrast
     # withheld from the network is withheld from the maps altogether (it is re-synthesised)
@@ -325,6 +356,7 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
         "Precision": None if net is None else net.precision,
         "Device": None if net is None else str(net.device),
         "Estimator": _estimator_record(estimator, calibrated),
+        "SignalModels": signal_models(sd.protocols, need, files.params),
         "Scaling": {"method": method, **({"calibration": calib.as_dict(), "pinning": pinning,
                                            "Segmentation": str(files.dseg)} if calib else {})},
         "GeneratedBy": {"Name": "qmriflow", "Version": __version__},

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -40,10 +40,12 @@ __all__ = [
     "bounded_scale",
     "isotropic_tv",
     "masked_l1",
+    "mono_exponential",
     "pd_hinge",
     "physics_loss",
     "protocol_row",
     "synthesise",
+    "training_scale",
     "warmup_loss",
 ]
 
@@ -69,10 +71,27 @@ class LossWeights:
         return asdict(self)
 
 
+def mono_exponential(protocol: physics.Protocol) -> physics.Protocol:
+    """The protocol without its echo train: the seed's mono-exponential model with the TE
+    factor, which the network's training loss uses (and ``scaling: seed`` everywhere)."""
+    return replace(protocol, echo_train=None) if protocol.echo_train is not None else protocol
+
+
+def training_scale(protocol: physics.Protocol, scale: float) -> float:
+    """A calibrated scale (found with the series' own signal model, echo train included) as
+    the scale of the network's mono-exponential training model: matched at reference white
+    matter, ``scale · S(WM) / S_mono(WM)``; unchanged without an echo train."""
+    if protocol.echo_train is None:
+        return float(scale)
+    return float(scale) * (physics.wm_reference_signal(protocol)
+                           / physics.wm_reference_signal(mono_exponential(protocol)))
+
+
 def protocol_row(protocol: physics.Protocol,
                  reference: dict[str, float] | None = None) -> list[float]:
-    """The (6,) protocol row of one series (see :data:`PROTOCOL_COLUMNS`)."""
-    p = protocol
+    """The (6,) protocol row of one series (see :data:`PROTOCOL_COLUMNS`): always the
+    mono-exponential model (:func:`mono_exponential`), as the published training."""
+    p = mono_exponential(protocol)
     return [float(physics.SEQUENCES.index(p.sequence)), float(p.tr_ms), float(p.effective_te_ms),
             math.nan if p.ti_ms is None else float(p.ti_ms),
             math.nan if p.fa_deg is None else float(p.fa_deg),
