@@ -14,6 +14,37 @@ from typing import Any
 import numpy as np
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status`` on Linux; elsewhere
+    set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_as_created(path: str | Path, directory: bool = False) -> None:
+    """Give ``path`` the mode an ordinary ``open``/``mkdir`` would have given it under the
+    current umask (0644/0755 under umask 022, 0640/0750 under 027). ``tempfile.mkstemp``
+    and ``mkdtemp`` create 0600/0700 whatever the umask; their results that become outputs
+    are passed through here, so colleagues (group, others) can read what the umask allows."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def make_temp_dir(prefix: str, dir: str | Path) -> Path:
+    """``tempfile.mkdtemp`` in ``dir`` whose mode follows the umask (it becomes an output
+    folder by rename)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    chmod_as_created(tmp, directory=True)
+    return tmp
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a file (read in 1 MiB blocks)."""
     h = hashlib.sha256()
@@ -29,7 +60,9 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 
     A step that fails half-way therefore never leaves a partial output where a complete one
     is expected. The temporary name keeps the suffixes of ``final`` (``.nii.gz``) so writers
-    that infer the format from the name keep working.
+    that infer the format from the name keep working. The file gets the mode the umask gives
+    a new file (``mkstemp`` alone would leave it 0600), whether the writer writes into the
+    temporary file or replaces it.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +73,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        chmod_as_created(tmp_path)
         os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
