@@ -1,6 +1,7 @@
 # qmriflow workflow: DICOM archive -> quantitative maps.
 # Thin rules: each calls one `qmriflow <step>`; the science lives in src/qmriflow.
 import os
+import shlex
 
 from snakemake.utils import min_version, validate
 
@@ -65,8 +66,10 @@ rule all_params:
 
 
 onsuccess:
-    shell(f"qmriflow failures {FAILURES} {OUT / 'failures.tsv'}")
+    shell(f"qmriflow failures {shlex.quote(str(FAILURES))} "
+          f"{shlex.quote(str(OUT / 'failures.tsv'))}")
 
 
 onerror:
-    shell(f"qmriflow failures {FAILURES} {OUT / 'failures.tsv'}")
+    shell(f"qmriflow failures {shlex.quote(str(FAILURES))} "
+          f"{shlex.quote(str(OUT / 'failures.tsv'))}")

@@ -1,4 +1,8 @@
 # Shared helpers: paths, session labels, and the tables produced by the `discover` checkpoint.
+# Every path reaches a shell command quoted ({input:q}, {output:q}, {log:q}, {params.x:q}, or
+# shlex.quote where a parameter holds several arguments): archive, work and output folders
+# may hold spaces and non-ASCII characters ("PACS Export/Übergabe").
+import shlex
 from pathlib import Path
 
 from qmriflow.discover import is_deferred, read_sessions_tsv
@@ -74,7 +78,7 @@ def params_outputs(wildcards):
 def session_flags(wildcards):
     return (
         f"--subject {wildcards.subject} --session {wildcards.session} "
-        f"--failures {FAILURES}"
+        f"--failures {shlex.quote(str(FAILURES))}"
     )
 
 

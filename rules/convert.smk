@@ -19,9 +19,9 @@ checkpoint discover:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow discover {input} {output.sessions} {output.series} "
-        "--salt {params.salt:q} --input-format {params.fmt} --quiet-period-min {params.quiet} "
-        "&> {log}"
+        "qmriflow discover {input:q} {output.sessions:q} {output.series:q} "
+        "--salt {params.salt:q} --input-format {params.fmt:q} "
+        "--quiet-period-min {params.quiet} &> {log:q}"
 
 
 # The tables are ancient() inputs: a new discovery (the archive grew) does not make the
@@ -50,9 +50,10 @@ rule convert:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow convert {input.sessions} {input.series} {params.archive} {output.session} "
-        "--input-format {params.fmt} --timeout {params.timeout} {params.anon} "
-        "{params.flags} --provenance {output.prov} &> {log}"
+        "qmriflow convert {input.sessions:q} {input.series:q} {params.archive:q} "
+        "{output.session:q} --input-format {params.fmt:q} "
+        "--timeout {params.timeout} {params.anon} {params.flags} --provenance {output.prov:q} "
+        "&> {log:q}"
 
 
 rule params:
@@ -76,8 +77,8 @@ rule params:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow params {input.session} {input.series} {output.params} {params.non3t} "
-        "--te-correction {params.tec} {params.flags} --provenance {output.prov} &> {log}"
+        "qmriflow params {input.session:q} {input.series:q} {output.params:q} {params.non3t} "
+        "--te-correction {params.tec:q} {params.flags} --provenance {output.prov:q} &> {log:q}"
 
 
 rule dataset_description:
@@ -94,12 +95,15 @@ rule dataset_description:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow dataset-description {params.outdir} --container {params.image:q} &> {log}"
+        "qmriflow dataset-description {params.outdir:q} --container {params.image:q} "
+        "&> {log:q}"
 
 
 onsuccess:
-    shell(f"qmriflow failures {FAILURES} {OUT / 'failures.tsv'}")
+    shell(f"qmriflow failures {shlex.quote(str(FAILURES))} "
+          f"{shlex.quote(str(OUT / 'failures.tsv'))}")
 
 
 onerror:
-    shell(f"qmriflow failures {FAILURES} {OUT / 'failures.tsv'}")
+    shell(f"qmriflow failures {shlex.quote(str(FAILURES))} "
+          f"{shlex.quote(str(OUT / 'failures.tsv'))}")

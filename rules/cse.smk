@@ -36,5 +36,6 @@ rule cse:
     container:
         config["containers"]["cuda"] if CSE["gpu"] else CPU_IMAGE
     shell:
-        "qmriflow cse-fit {params.echo1} --out {params.outdir} --prefix {params.prefix} "
-        "{params.run} --threads {threads} {params.flags} --provenance {output.prov} &> {log}"
+        "qmriflow cse-fit {params.echo1:q} --out {params.outdir:q} --prefix {params.prefix:q} "
+        "{params.run} --threads {threads} {params.flags} --provenance {output.prov:q} "
+        "&> {log:q}"

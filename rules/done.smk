@@ -19,5 +19,5 @@ rule session_done:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow session-done {output} {input} --root {params.root} --label {params.label} "
-        "&> {log}"
+        "qmriflow session-done {output:q} {input:q} --root {params.root:q} "
+        "--label {params.label:q} &> {log:q}"

@@ -53,9 +53,7 @@ rule cluster_fit:
     output:
         CLUSTER_JSON,
     params:
-        dirs=lambda w: " ".join(
-            session_targets(OUT / "sub-{subject}" / "ses-{session}", usable=True)
-        ),
+        dirs=lambda w: session_targets(OUT / "sub-{subject}" / "ses-{session}", usable=True),
         calib=(f"--calibration {shlex.quote(json.dumps(CLUSTERS['calibration']))}"
                if CLUSTERS["calibration"] else ""),
         state=WORK / "model" / "clusters_state.json",
@@ -70,9 +68,10 @@ rule cluster_fit:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow cluster-fit {output} {params.dirs} {params.calib} --state {params.state} "
-        "--min-sessions {params.min_sessions} --tolerance {params.tolerance} "
-        "--skip-incomplete --provenance {params.prov} &> {log}"
+        "qmriflow cluster-fit {output:q} {params.dirs:q} {params.calib} "
+        "--state {params.state:q} --min-sessions {params.min_sessions} "
+        "--tolerance {params.tolerance} --skip-incomplete --provenance {params.prov:q} "
+        "&> {log:q}"
 
 
 rule pack:
@@ -85,11 +84,9 @@ rule pack:
         masks=PACK / "masks.npy",
     params:
         outdir=PACK,
-        dirs=lambda w: " ".join(
-            session_targets(OUT / "sub-{subject}" / "ses-{session}", usable=True)
-        ),
+        dirs=lambda w: session_targets(OUT / "sub-{subject}" / "ses-{session}", usable=True),
         frac=MODEL["min_head_fraction"],
-        clusters=f"--clusters {CLUSTER_JSON}" if USE_CLUSTERS else "",
+        clusters=f"--clusters {shlex.quote(str(CLUSTER_JSON))}" if USE_CLUSTERS else "",
         prov=PROV / "pack.json",
     benchmark:
         WORK / "benchmarks" / "pack.tsv"
@@ -101,8 +98,8 @@ rule pack:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow pack {params.outdir} {params.dirs} --min-head-fraction {params.frac} "
-        "--skip-incomplete {params.clusters} --provenance {params.prov} &> {log}"
+        "qmriflow pack {params.outdir:q} {params.dirs:q} --min-head-fraction {params.frac} "
+        "--skip-incomplete {params.clusters} --provenance {params.prov:q} &> {log:q}"
 
 
 # last.pt (the resumable state) is deliberately not an output: Snakemake must not delete it
@@ -131,8 +128,8 @@ rule train:
     container:
         config["containers"]["cuda"] if MODEL["train_gpu"] else CPU_IMAGE
     shell:
-        f"qmriflow train {{params.pack}} {{params.outdir}} {TRAIN_FLAGS} --threads {{threads}} "
-        "--no-progress --provenance {params.prov} &> {log}"
+        f"qmriflow train {{params.pack:q}} {{params.outdir:q}} {TRAIN_FLAGS} "
+        "--threads {threads} --no-progress --provenance {params.prov:q} &> {log:q}"
 
 
 rule infer:
@@ -158,7 +155,7 @@ rule infer:
              f"--smoothing {SMOOTH['radius']},{SMOOTH['sigma_space']},{SMOOTH['sigma_range']},"
              f"{SMOOTH['sigma_value']} "
              f"--smoothing-guide {SMOOTH['guide']}"
-             + (f" --clusters {CLUSTER_JSON}" if USE_CLUSTERS else "")),
+             + (f" --clusters {shlex.quote(str(CLUSTER_JSON))}" if USE_CLUSTERS else "")),
         flags=session_flags,
     benchmark:
         WORK / "benchmarks" / "infer" / f"{SES}.tsv"
@@ -171,9 +168,9 @@ rule infer:
     container:
         config["containers"]["cuda"] if MODEL["infer_gpu"] else CPU_IMAGE
     shell:
-        "qmriflow infer {params.sdir} --checkpoint {input.checkpoint} "
-        "--out-dir {params.outdir} {params.run} --threads {threads} {params.flags} "
-        "--provenance {output.prov} &> {log}"
+        "qmriflow infer {params.sdir:q} --checkpoint {input.checkpoint:q} "
+        "--out-dir {params.outdir:q} {params.run} --threads {threads} {params.flags} "
+        "--provenance {output.prov:q} &> {log:q}"
 
 
 # Optional: Optuna search over the seed's Table B.1 space (`snakemake search`; needs optuna).
@@ -197,5 +194,5 @@ rule search:
     container:
         config["containers"]["cuda"] if MODEL["train_gpu"] else CPU_IMAGE
     shell:
-        "qmriflow search {params.pack} {params.outdir} {params.run} --threads {threads} "
-        "&> {log}"
+        "qmriflow search {params.pack:q} {params.outdir:q} {params.run} --threads {threads} "
+        "&> {log:q}"

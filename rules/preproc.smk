@@ -36,9 +36,10 @@ rule register:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow register --t1w {params.t1w} --t2w {params.t2w} --flair {params.flair} "
-        "--out-dir {params.outdir} --inplane-mm {params.inplane} --size {params.size} "
-        "--threads {threads} {params.mt} {params.flags} --provenance {output.prov} &> {log}"
+        "qmriflow register --t1w {params.t1w:q} --t2w {params.t2w:q} --flair {params.flair:q} "
+        "--out-dir {params.outdir:q} --inplane-mm {params.inplane} --size {params.size} "
+        "--threads {threads} {params.mt} {params.flags} --provenance {output.prov:q} "
+        "&> {log:q}"
 
 
 rule n4:
@@ -66,11 +67,11 @@ rule n4:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow n4 --t1w {input.t1w} --t2w {input.t2w} --flair {input.flair} "
-        "--out-t1w {output.t1w} --out-t2w {output.t2w} --out-flair {output.flair} "
+        "qmriflow n4 --t1w {input.t1w:q} --t2w {input.t2w:q} --flair {input.flair:q} "
+        "--out-t1w {output.t1w:q} --out-t2w {output.t2w:q} --out-flair {output.flair:q} "
         "--min-area-fraction {params.area} --drop-fraction {params.drop} "
         "--shrink {params.shrink} --threads {threads} {params.flags} "
-        "--provenance {output.prov} &> {log}"
+        "--provenance {output.prov:q} &> {log:q}"
 
 
 rule skullstrip:
@@ -96,10 +97,10 @@ rule skullstrip:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow skullstrip {input.t1w} {output.mask} --backend {params.backend} "
-        "--device {params.device} {params.download} --t2w {input.t2w} "
+        "qmriflow skullstrip {input.t1w:q} {output.mask:q} --backend {params.backend} "
+        "--device {params.device} {params.download} --t2w {input.t2w:q} "
         "--csf-fill-mm {params.fill} --threads {threads} {params.flags} "
-        "--provenance {output.prov} &> {log}"
+        "--provenance {output.prov:q} &> {log:q}"
 
 
 SEG = config["segmentation"]
@@ -124,7 +125,8 @@ rule segment:
         backend=SEG["backend"],
         erode=SEG["erode_mm"],
         extra=lambda w, input: (
-            f"--t2w {input.t2w} --flair {input.flair}" if SEG["multichannel"] else ""
+            f"--t2w {shlex.quote(input.t2w)} --flair {shlex.quote(input.flair)}"
+            if SEG["multichannel"] else ""
         ),
         flags=session_flags,
     benchmark:
@@ -137,9 +139,9 @@ rule segment:
     container:
         config["containers"]["fsl"] if SEG["backend"] == "fast" else CPU_IMAGE
     shell:
-        "qmriflow segment {input.t1w} {input.mask} --out-prefix {params.prefix} "
+        "qmriflow segment {input.t1w:q} {input.mask:q} --out-prefix {params.prefix:q} "
         "{params.extra} --backend {params.backend} --erode-mm {params.erode} "
-        "--threads {threads} {params.flags} --provenance {output.prov} &> {log}"
+        "--threads {threads} {params.flags} --provenance {output.prov:q} &> {log:q}"
 
 
 rule provenance:
@@ -162,4 +164,4 @@ rule provenance:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow provenance {output} {input} --label {params.label} &> {log}"
+        "qmriflow provenance {output:q} {input:q} --label {params.label:q} &> {log:q}"

@@ -37,8 +37,8 @@ rule stats:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow stats {params.sdir} --out-tsv {output.tsv} --out-hist {output.hist} "
-        "{params.flags} --provenance {output.prov} &> {log}"
+        "qmriflow stats {params.sdir:q} --out-tsv {output.tsv:q} --out-hist {output.hist:q} "
+        "{params.flags} --provenance {output.prov:q} &> {log:q}"
 
 
 rule cohort:
@@ -77,8 +77,8 @@ rule cohort:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow cohort {params.outdir} {input.tsvs} {params.run} "
-        "--provenance {output.prov} &> {log}"
+        "qmriflow cohort {params.outdir:q} {input.tsvs:q} {params.run} "
+        "--provenance {output.prov:q} &> {log:q}"
 
 
 rule repro:
@@ -96,7 +96,7 @@ rule repro:
         prov=PROV / "repro.json",
     params:
         outdir=GROUP,
-        dirs=lambda w: " ".join(session_targets(SESSION_DIR)),
+        dirs=lambda w: session_targets(SESSION_DIR),
         run=(
             (f" --days {STATS['repro_days']}" if STATS["repro_days"] else "")
             + (f" --max-interval-days {STATS['max_interval_days']}"
@@ -112,8 +112,8 @@ rule repro:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow repro {params.outdir} {params.dirs} --figures-dir {output.figures} "
-        "--threads {threads}{params.run} --provenance {output.prov} &> {log}"
+        "qmriflow repro {params.outdir:q} {params.dirs:q} --figures-dir {output.figures:q} "
+        "--threads {threads}{params.run} --provenance {output.prov:q} &> {log:q}"
 
 
 rule report_session:
@@ -140,8 +140,8 @@ rule report_session:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow report {params.sdir} {output} --step-provenance {input.infer} "
-        "--slices {params.slices} {params.flags} &> {log}"
+        "qmriflow report {params.sdir:q} {output:q} --step-provenance {input.infer:q} "
+        "--slices {params.slices} {params.flags} &> {log:q}"
 
 
 rule report_cohort:
@@ -153,7 +153,8 @@ rule report_cohort:
         report(REPORTS / "cohort.html", caption="report/cohort_report.rst", category="Cohort"),
     params:
         cohort=GROUP,
-        repro=(f"--repro-dir {GROUP} --repro-figures-dir {GROUP / 'repro_figures'}"
+        repro=(f"--repro-dir {shlex.quote(str(GROUP))} "
+               f"--repro-figures-dir {shlex.quote(str(GROUP / 'repro_figures'))}"
                if STATS["repro"] else ""),
     benchmark:
         WORK / "benchmarks" / "report_cohort.tsv"
@@ -165,4 +166,4 @@ rule report_cohort:
     container:
         CPU_IMAGE
     shell:
-        "qmriflow report-cohort {params.cohort} {output} {params.repro} &> {log}"
+        "qmriflow report-cohort {params.cohort:q} {output:q} {params.repro} &> {log:q}"
