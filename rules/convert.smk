@@ -36,6 +36,7 @@ rule convert:
         prov=PROV / f"{SES}_convert.json",
     params:
         archive=INPUT,
+        salt=config["pseudonym_salt"],
         fmt=config["input_format"],
         timeout=config["dcm2niix"]["timeout_s"],
         anon="" if config["dcm2niix"]["anonymise"] else "--no-anonymise",
@@ -51,7 +52,7 @@ rule convert:
         CPU_IMAGE
     shell:
         "qmriflow convert {input.sessions:q} {input.series:q} {params.archive:q} "
-        "{output.session:q} --input-format {params.fmt:q} "
+        "{output.session:q} --salt {params.salt:q} --input-format {params.fmt:q} "
         "--timeout {params.timeout} {params.anon} {params.flags} --provenance {output.prov:q} "
         "&> {log:q}"
 

@@ -17,6 +17,9 @@ from qmriflow.discover import (
     SESSION_COLUMNS,
     bids_metadata,
     discover,
+    file_ref,
+    folder_ref,
+    locate,
     pseudonym,
     read_series_tsv,
     read_sessions_tsv,
@@ -57,7 +60,7 @@ def test_every_phantom_series_is_classified_as_the_manifest_says(tables, manifes
         assert (r["role"], r["sequence"]) == (role, m["protocol"]["sequence"]), m["dicom_dir"]
         assert r["acquisition"] == m["MRAcquisitionType"]
         assert r["gadolinium"] is bool(m["ContrastBolusAgent"]), m["dicom_dir"]
-        assert r["folder"] == m["dicom_dir"].removeprefix("dicom/")
+        assert r["folder"] == folder_ref(m["dicom_dir"].removeprefix("dicom/"), SALT)
         assert r["n_files"] == m["n_files"]
         assert r["selected"] is (m["role"] != "t1w_gd")
         if m["role"] == "t1w_gd":
@@ -120,7 +123,7 @@ def test_real_series_are_classified():
     sessions, series = discover(REAL, SALT)
     found = {}
     for r in series:
-        files = series_files(REAL, r)
+        files = series_files(REAL, r, SALT)
         assert len(files) == r["n_files"]
         folders = {f.parent.name for f in files}
         assert len(folders) == 1
@@ -171,7 +174,8 @@ def archive(mini, tmp_path):
 
 def _status(sessions, series, folder_prefix):
     """Status of the session whose series live under ``folder_prefix``."""
-    keys = {(r["subject"], r["session"]) for r in series if r["folder"].startswith(folder_prefix)}
+    ref = folder_ref(folder_prefix, SALT) + "/"  # a folder's ref prefixes those below it
+    keys = {(r["subject"], r["session"]) for r in series if r["folder"].startswith(ref)}
     assert len(keys) == 1, folder_prefix
     return next(s["status"] for s in sessions if (s["subject"], s["session"]) in keys)
 
@@ -187,18 +191,23 @@ def test_unreadable_files_make_only_their_session_corrupt(archive, tmp_path):
     (archive / "S002/V02/02_T1W_3D_FFE/.DS_Store").write_bytes(rng.bytes(100))
     (archive / "S002/V02/02_T1W_3D_FFE/README.txt").write_text("notes\n")
     sessions, series = discover(archive, SALT)
+    # the file is named by a salted hash of its path (and the series whose folder holds it),
+    # never by its name: `qmriflow locate` finds it
     expect = {
-        "S001/V01": "corrupt: S001/V01/03_T2W_TSE_C/IM_9998.dcm: ",
-        "S001/V02": "corrupt: S001/V02/04_3D_FLAIR_C/IM_9999.dcm: ",
-        "S002/V01": "corrupt: S002/V01/02_T1W_3D_FFE/IM_9999.dcm: truncated DICOM file",
+        "S001/V01": ("S001/V01/03_T2W_TSE_C/IM_9998.dcm", "in the folder of series 3\\d\\d: "),
+        "S001/V02": ("S001/V02/04_3D_FLAIR_C/IM_9999.dcm", "in the folder of series 4\\d\\d: "),
+        "S002/V01": ("S002/V01/02_T1W_3D_FFE/IM_9999.dcm",
+                     "in the folder of series 2\\d\\d: truncated DICOM file"),
     }
-    for prefix, start in expect.items():
+    for prefix, (rel, rest) in expect.items():
         status = _status(sessions, series, prefix)
-        assert status.startswith(start), status
+        assert re.match(f"corrupt: file {file_ref(rel, SALT)} {rest}", status), status
+        assert "IM_" not in status and "S00" not in status and "FLAIR_C" not in status
         assert "\n" not in status and "\t" not in status
+        assert locate(archive, status.split()[2], SALT) == [archive / rel]
     assert _status(sessions, series, "S002/V02") == "ok"
     # the corrupt sessions still list their series
-    assert sum(r["folder"].startswith("S001/V01/") for r in series) == 4
+    assert sum(r["folder"].startswith(folder_ref("S001/V01", SALT) + "/") for r in series) == 4
     write_tables(sessions, series, tmp_path / "s.tsv", tmp_path / "r.tsv")
     back = read_sessions_tsv(tmp_path / "s.tsv")
     assert sorted(s["status"][:8] for s in back) == ["corrupt:"] * 3 + ["ok"]
@@ -222,11 +231,13 @@ def test_two_series_in_one_folder_are_separated(archive):
     t1_dir.rmdir()
     t2_files = sorted(p for p in t2_dir.iterdir() if p.name.startswith("IM_"))
     sessions, series = discover(archive, SALT)
-    rows = [r for r in series if r["folder"] == "S001/V01/03_T2W_TSE_C"]
+    rows = [r for r in series if r["folder"] == folder_ref("S001/V01/03_T2W_TSE_C", SALT)]
     assert sorted(r["role"] for r in rows) == ["t1w", "t2w"]
     by_role = {r["role"]: r for r in rows}
-    assert series_files(archive, by_role["t1w"]) == sorted(moved)
-    assert series_files(archive, by_role["t2w"]) == t2_files
+    assert series_files(archive, by_role["t1w"], SALT) == sorted(moved)
+    assert series_files(archive, by_role["t2w"], SALT) == t2_files
+    with pytest.raises(ConfigError, match="salt"):
+        series_files(archive, by_role["t1w"])
     assert _status(sessions, series, "S001/V01") == "ok"
 
 
@@ -260,16 +271,56 @@ def test_identifiers_in_folder_names_are_not_written(archive, tmp_path):
     pid = f"{CANARY}{11:04d}0001"
     (archive / "S001").rename(archive / f"{pid}_{CANARY_BIRTH_DATE}")
     sessions, series = discover(archive, SALT)
-    mine = [r for r in series if r["folder"].startswith("*")]
+    ref = folder_ref(f"{pid}_{CANARY_BIRTH_DATE}", SALT)
+    mine = [r for r in series if r["folder"].startswith(ref + "/")]
     assert len(mine) == 8  # both sessions of subject 1
     for r in mine:
         assert CANARY not in r["folder"] and CANARY_BIRTH_DATE not in r["folder"]
-        files = series_files(archive, r)
+        files = series_files(archive, r, SALT)
         assert len(files) == r["n_files"] and all(pid in str(f) for f in files)
     write_tables(sessions, series, tmp_path / "s.tsv", tmp_path / "r.tsv")
     for f in ("s.tsv", "r.tsv"):
         text = (tmp_path / f).read_text()
         assert CANARY not in text and CANARY_BIRTH_DATE not in text
+
+
+def test_names_in_archive_paths_never_reach_tables_or_logs(archive, tmp_path, caplog):
+    """Issue 24: exports name folders and files after the patient, spelt as no header value
+    is (MUELLER for Müller); discovery must not copy a single name into its tables or log."""
+    from .phi import phi_hits, phi_hits_in_text
+
+    (archive / "S001/V01/02_T1W_3D_FFE").rename(archive / "S001/V01/MÜLLER_T1W")
+    (archive / "S001/V01").rename(archive / "S001/Muller Jurgen 1961-04-23")
+    (archive / "S001").rename(archive / "MUELLER_JUERGEN_MRN778899")
+    t2 = archive / "MUELLER_JUERGEN_MRN778899/Muller Jurgen 1961-04-23/03_T2W_TSE_C"
+    for k, f in enumerate(sorted(t2.glob("IM_*.dcm"))):
+        f.rename(t2 / f"DOE_JANE_MRN123456_{k}.dcm")
+    rng = np.random.default_rng(7)
+    (t2 / "JUERGEN_MUELLER_19610423.dcm").write_bytes(rng.bytes(3000))  # corrupt
+    (archive / "DOE_JANE_MRN123456_export.dcm").write_bytes(rng.bytes(3000))  # stray, root
+    caplog.set_level("DEBUG", logger="qmriflow")
+    sessions, series = discover(archive, SALT)
+    write_tables(sessions, series, tmp_path / "s.tsv", tmp_path / "r.tsv")
+    hits, n = phi_hits([tmp_path], skip=[archive])
+    assert n == 2 and not hits, hits
+    assert not phi_hits_in_text(caplog.text), caplog.text
+    # ... yet the operator finds every file: series by their hashed folders, the corrupt file
+    # and the stray one by the references in the status and in the log
+    assert all(len(series_files(archive, r, SALT)) == r["n_files"] for r in series)
+    status = next(s["status"] for s in sessions if s["status"] != "ok")
+    assert re.fullmatch(r"corrupt: file #[0-9a-f]{12} in the folder of series \d+: .+", status)
+    assert locate(archive, status.split()[2], SALT) == [t2 / "JUERGEN_MUELLER_19610423.dcm"]
+    stray = re.search(r"file (#[0-9a-f]{12})", caplog.text)
+    assert stray and locate(archive, stray[1], SALT) == [archive / "DOE_JANE_MRN123456_export.dcm"]
+    # a stray file beside the only study (its ancestor) becomes the study's status: by reference
+    only = tmp_path / "only"
+    shutil.copytree(archive / "S002/V01", only / "DOE_JANE_MRN123456" / "1975-01-02")
+    (only / "DOE_JANE_MRN123456_export.dcm").write_bytes(rng.bytes(3000))
+    sessions, series = discover(only, SALT)
+    assert len(sessions) == 1 and sessions[0]["status"].startswith("corrupt: file #")
+    write_tables(sessions, series, tmp_path / "s.tsv", tmp_path / "r.tsv")
+    hits, _n = phi_hits([tmp_path], skip=[archive, only])
+    assert not hits and not phi_hits_in_text(caplog.text), hits
 
 
 # ---------------------------------------------------------------------------------------------

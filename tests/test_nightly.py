@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 import yaml
 
-from qmriflow.discover import discover_dicom_tables, pseudonym
+from qmriflow.discover import discover_dicom_tables, file_ref, pseudonym
 from qmriflow.errors import ConfigError
 from qmriflow.nightly import EXIT_LOCKED, run_nightly, write_done_marker
 
@@ -250,7 +250,8 @@ def nights(phantom_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     victim.write_bytes(victim.read_bytes()[:2000])
     res["good"] = [_label(d) for d in good]
     res["bad"] = _label(bad)
-    res["victim"] = victim.name
+    # failures name the file by a salted hash of its path, never by its name
+    res["victim"] = file_ref(victim.relative_to(archive).as_posix(), SALT)
     time.sleep(QUIET_S + 2)
     # ... and a study still arriving when night 2 starts: same images as S002/V02, new UIDs
     late = _copy_session(src / "S002" / "V02", archive / "S002" / "V03")
@@ -307,7 +308,7 @@ def test_night_2_processes_exactly_the_new_good_sessions(nights: dict) -> None:
     assert bad["attempts"] == "1"
     assert nights["victim"] in bad["reason"] and "truncated" in bad["reason"]
     assert "\n" not in bad["reason"]
-    # the failure is in the printed summary, one line naming the session and the file
+    # the failure is in the printed summary, one line naming the session and the file's ref
     line = next(x for x in log.splitlines() if x.startswith(f"qmriflow nightly: {nights['bad']}"))
     assert nights["victim"] in line
     # nothing of night 1 was recomputed: no job for those sessions, their files untouched

@@ -154,6 +154,31 @@ def _discover(a: argparse.Namespace) -> int:
     return 0
 
 
+def _locate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input_dir", type=Path, help="the archive folder given to discovery")
+    p.add_argument("refs", nargs="+", metavar="REF",
+                   help="a file reference (#<12 hex>) from a status or failure message, or a "
+                        "folder reference (the 'folder' column of series.tsv)")
+    p.add_argument("--salt", required=True, help="the discovery's pseudonym salt")
+
+
+@command("locate", "print the archive path behind a file or folder reference of a message "
+                   "(on this terminal only: the path may identify the patient)")
+@arguments(_locate_args)
+def _locate(a: argparse.Namespace) -> int:
+    from .discover import locate
+
+    missing = 0
+    for ref in a.refs:
+        found = locate(a.input_dir, ref, a.salt)
+        missing += not found
+        for p in found:
+            print(f"{ref}\t{p}")
+        if not found:
+            print(f"{ref}\tnot found (another archive folder or salt?)", file=sys.stderr)
+    return 1 if missing else 0
+
+
 def _session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subject", required=True, help="subject pseudonym (without sub-)")
     p.add_argument("--session", required=True, help="session pseudonym (without ses-)")
@@ -169,6 +194,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-format", choices=["dicom", "bids"], default="dicom")
     p.add_argument("--no-anonymise", action="store_true")
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--salt", help="the discovery's pseudonym salt (series folders are hashed "
+                                  "with it in the series table)")
     _session_args(p)
 
 
@@ -181,7 +208,7 @@ def _convert(a: argparse.Namespace) -> int:
     summary = ingest_session(
         a.subject, a.session, read_sessions_tsv(a.sessions_tsv), read_series_tsv(a.series_tsv),
         a.input_dir, a.out_dir, input_format=a.input_format, anonymise=not a.no_anonymise,
-        timeout_s=a.timeout,
+        timeout_s=a.timeout, salt=a.salt,
     )
     _provenance(a, "convert", {k: v for k, v in summary.items() if k != "session"})
     print(f"{summary['session']}: {len(summary['images'])} image(s)")

@@ -14,8 +14,9 @@ Session status (one line, ``sessions.tsv``):
 
 * ``ok``;
 * ``incomplete: no FLAIR series`` (or ``no T1w, T2w or FLAIR series``, ...);
-* ``corrupt: <file relative to the input folder>: <reason>`` when a file in one of the
-  session's folders is not readable DICOM (random bytes, truncated header or pixel data).
+* ``corrupt: file #<ref> in the folder of series <N>: <reason>`` when a file in one of the
+  session's folders is not readable DICOM (random bytes, truncated header or pixel data);
+  ``<ref>`` is :func:`file_ref` of its path (``qmriflow locate`` finds it).
   The workflow's first per-session job turns that status into a one-line error for that
   session only;
 * ``deferred: files changed <N> s ago (quiet period <Q> s)`` when a quiet period is given and
@@ -26,9 +27,14 @@ Session status (one line, ``sessions.tsv``):
 Pseudonyms: subject = HMAC-SHA256(salt, PatientID) and session = HMAC-SHA256(salt,
 StudyInstanceUID), first 10 hex digits (:func:`pseudonym`); a study without PatientID gets a
 subject of its own (keyed on its StudyInstanceUID). PatientName/PatientID/PatientBirthDate and
-the StudyInstanceUID are never written: where they appear in a folder name, the ``folder``
-column holds a glob pattern with ``*`` in their place (:func:`series_files` resolves it, then
-keeps only the files of that series), and a series description holding one is redacted.
+the StudyInstanceUID are never written, and neither is any file or folder name of the archive
+(exports name folders and files after the patient, often transliterated: ``MUELLER_J``,
+``DOE_JANE_MRN123456_export.dcm``, which no header value matches). The ``folder`` column holds
+a salted hash of each level of the series folder's path (:func:`folder_ref`;
+:func:`series_files` resolves it with the salt, then keeps only the files of that series); a
+file is named by a salted hash of its path, ``file #<12 hex>`` (:func:`file_ref`), in the
+series' folder when it has one; ``qmriflow locate`` turns either back into the path, on the
+operator's terminal. A series description holding a header identifier is redacted.
 The ``series_uid`` column holds the SeriesInstanceUID (needed to separate several series
 stored in one folder): keep ``series.tsv`` inside the work folder.
 
@@ -71,7 +77,10 @@ __all__ = [
     "discover_bids",
     "discover_dicom",
     "discover_dicom_tables",
+    "file_ref",
+    "folder_ref",
     "is_deferred",
+    "locate",
     "pseudonym",
     "read_series_tsv",
     "read_sessions_tsv",
@@ -114,6 +123,78 @@ NON_DICOM_SUFFIXES = frozenset({
 def pseudonym(value: str, salt: str, n: int = 10) -> str:
     """Alphanumeric keyed hash of ``value`` (lower-case hex, ``n`` characters)."""
     return hmac.new(salt.encode(), value.encode(), hashlib.sha256).hexdigest()[:n]
+
+
+_REF_HEX = 10
+_FOLDER_REF = re.compile(rf"^[0-9a-f]{{{_REF_HEX}}}(/[0-9a-f]{{{_REF_HEX}}})*$")
+_FILE_REF = re.compile(r"#?([0-9a-f]{12})")
+
+
+def _folder_level(rel_prefix: str, salt: str) -> str:
+    return pseudonym("folder\0" + rel_prefix, salt, _REF_HEX)
+
+
+def folder_ref(rel: str, salt: str) -> str:
+    """Non-identifying reference of an archive folder (``rel``: POSIX path relative to the
+    archive root, ``.`` for the root): the salted hash of every level of the path, joined by
+    ``/``, so that :func:`series_files` finds it again one folder listing per level."""
+    if rel in ("", "."):
+        return "."
+    parts = rel.split("/")
+    return "/".join(_folder_level("/".join(parts[: i + 1]), salt) for i in range(len(parts)))
+
+
+def file_ref(rel: str, salt: str) -> str:
+    """Non-identifying reference of an archive file: ``#`` and 12 hex digits of the salted
+    hash of its path relative to the archive root (``qmriflow locate`` finds the file)."""
+    return "#" + pseudonym("file\0" + rel, salt, 12)
+
+
+def _resolve_folder_ref(root: Path, ref: str, salt: str) -> list[Path]:
+    """Folders below ``root`` whose :func:`folder_ref` is ``ref`` (hidden folders skipped,
+    symlinked folders followed), one folder listing per level."""
+    if ref == ".":
+        return [root]
+    current = [(root, "")]
+    for want in ref.split("/"):
+        nxt = []
+        for folder, rel in current:
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                sub = f"{rel}/{e.name}" if rel else e.name
+                if _folder_level(sub, salt) == want and e.is_dir():
+                    nxt.append((Path(e.path), sub))
+        current = nxt
+    return [p for p, _rel in current]
+
+
+def locate(input_dir: str | Path, ref: str, salt: str) -> list[Path]:
+    """Paths below ``input_dir`` that a reference written by discovery stands for: a file
+    (``#<12 hex>``, :func:`file_ref`) or a folder (:func:`folder_ref`, the ``folder`` column
+    of ``series.tsv``). For the operator's terminal only: the result names archive files."""
+    root = Path(input_dir)
+    ref = ref.strip()
+    if _FOLDER_REF.match(ref) and not ref.startswith("#"):
+        found = _resolve_folder_ref(root, ref, salt)
+        if found:
+            return found
+    m = _FILE_REF.fullmatch(ref)
+    if not m:
+        return []
+    want = "#" + m.group(1)
+    out = []
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(dirpath) / name
+            if file_ref(_rel(path, root), salt) == want:
+                out.append(path)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,25 +317,6 @@ def _phi_strings(headers: Iterable[Mapping[str, Any]]) -> set[str]:
                 out.add(text)
                 out.update(p for p in re.split(r"[\^=\s,]+", text) if p)
     return {s for s in out if len(s) >= 3}
-
-
-def _scrub_path(rel: str, phi: Iterable[str]) -> str:
-    """``rel`` with identifying substrings replaced by ``*`` (then a glob pattern, the rest
-    escaped); ``rel`` itself when it holds none."""
-    pattern = sorted(phi, key=len, reverse=True)
-    if not pattern:
-        return rel
-    rx = re.compile("|".join(re.escape(p) for p in pattern), re.IGNORECASE)
-    if not rx.search(rel):
-        return rel
-    parts = []
-    pos = 0
-    for m in rx.finditer(rel):
-        parts.append(glob.escape(rel[pos:m.start()]))
-        parts.append("*")
-        pos = m.end()
-    parts.append(glob.escape(rel[pos:]))
-    return re.sub(r"\*+", "*", "".join(parts))
 
 
 def _scrub_text(text: str, phi: Iterable[str]) -> str:
@@ -399,11 +461,12 @@ def discover_dicom_tables(
                 corrupt[key].append((rel, reason))
                 newest[key] = max(newest[key], changed)
         else:
-            logger.warning("unreadable file outside any one session's folders: %s (%s)",
-                           rel, reason)
+            logger.warning("unreadable file outside any one session's folders: file %s (%s)",
+                           file_ref(rel, salt), reason)
 
     session_rows: list[dict[str, Any]] = []
     series_rows: list[dict[str, Any]] = []
+    numbers_in: dict[tuple[tuple[str, str], str], set[int]] = defaultdict(set)
     for key in sorted(sessions, key=lambda k: labels[k]):
         subject, session = labels[key]
         age = now - newest[key]
@@ -425,10 +488,12 @@ def discover_dicom_tables(
             ref = headers[0]
             number = _int_or_zero(ref.get("SeriesNumber"))
             folders = sorted({_parent(r) for r, _h in s.files})
+            for f in folders:
+                numbers_in[key, f].add(number)
             rows.append({
                 "subject": subject, "session": session,
                 "series_id": _series_id(number, uid, salt, taken),
-                "folder": ";".join(_scrub_path(f, phi) for f in folders),
+                "folder": ";".join(folder_ref(f, salt) for f in folders),
                 "series_uid": uid, "series_number": number,
                 "description": _scrub_text(_one_line(summary.description), phi),
                 "n_files": len(s.files), "role": c.role, "sequence": c.sequence,
@@ -444,7 +509,9 @@ def discover_dicom_tables(
             files = sorted(corrupt[key])
             rel, reason = files[0]
             more = f" (and {len(files) - 1} more unreadable file(s))" if len(files) > 1 else ""
-            row["status"] = f"corrupt: {_scrub_path(rel, phi)}: {reason}{more}"
+            near = sorted(numbers_in.get((key, _parent(rel)), ()))
+            where = (f" in the folder of series {', '.join(map(str, near))}" if near else "")
+            row["status"] = f"corrupt: file {file_ref(rel, salt)}{where}: {reason}{more}"
         session_rows.append(row)
         series_rows.extend(selected)
     return session_rows, series_rows
@@ -748,11 +815,18 @@ def read_series_tsv(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _series_folders(root: Path, folder_field: str) -> list[Path]:
+def _series_folders(root: Path, folder_field: str, salt: str | None) -> list[Path]:
     out: list[Path] = []
     for folder in filter(None, (f.strip() for f in str(folder_field).split(";"))):
         literal = root / folder
-        if literal.is_dir():
+        if folder == ".":
+            out.append(root)
+        elif _FOLDER_REF.match(folder):
+            if salt is None:
+                raise ConfigError("the series table names folders by salted hashes: the "
+                                  "pseudonym salt is needed to find them")
+            out.extend(_resolve_folder_ref(root, folder, salt))
+        elif literal.is_dir():  # tables written before folders were hashed
             out.append(literal)
         elif "*" in folder:
             out.extend(Path(p) for p in sorted(glob.glob(str(glob.escape(str(root)) + "/"
@@ -761,9 +835,11 @@ def _series_folders(root: Path, folder_field: str) -> list[Path]:
     return out
 
 
-def series_files(input_dir: str | Path, series_row: Mapping[str, Any]) -> list[Path]:
+def series_files(input_dir: str | Path, series_row: Mapping[str, Any],
+                 salt: str | None = None) -> list[Path]:
     """Exactly the files of one series: those in its folder(s) whose SeriesInstanceUID is the
-    row's (so several series sharing a folder are separated), sorted by name. For a BIDS row
+    row's (so several series sharing a folder are separated), sorted by name. ``salt``: the
+    pseudonym salt of the discovery, which hashed the folders (:func:`folder_ref`). For a BIDS row
     (no ``series_uid``) the series' NIfTI files: the magnitude echoes of a MEGRE series in
     echo order (``part-phase`` files left out)."""
     root = Path(input_dir)
@@ -782,7 +858,7 @@ def series_files(input_dir: str | Path, series_row: Mapping[str, Any]) -> list[P
     import pydicom
 
     out = []
-    for folder in _series_folders(root, str(series_row.get("folder", ""))):
+    for folder in _series_folders(root, str(series_row.get("folder", "")), salt):
         for p in sorted(folder.iterdir()):
             if p.name.startswith(".") or not p.is_file():
                 continue

@@ -5,7 +5,9 @@ folder holds several series) are linked into a scratch folder and converted with
 (anonymised sidecars). BIDS input: the NIfTI + JSON pairs are copied. Names inside the session
 folder (``sub-<S>_ses-<V>_T1w.nii.gz``, ``_T2w``, ``_FLAIR``, and
 ``_acq-<series>_echo-<n>_MEGRE`` for multi-echo GRE magnitude) are what later steps read.
-The session folder appears only when everything converted (atomic rename).
+The session folder appears only when everything converted (atomic rename); its mode follows
+the umask. Messages name a series by its number and id (``series 3 (0003a1b2c3)``), never by
+its archive folder, whose name may identify the patient.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from .convert import ConvertedImage, dcm2niix_version, run_dcm2niix
 from .errors import InputError, QmriflowError
-from .io import sidecar_path, write_json
+from .io import make_temp_dir, sidecar_path, write_json
 
 ROLE_SUFFIX = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR"}
 REQUIRED_ROLES = ("t1w", "t2w", "flair")
@@ -58,8 +60,10 @@ def ingest_session(
     input_format: str = "dicom",
     anonymise: bool = True,
     timeout_s: float = 600,
+    salt: str | None = None,
 ) -> dict[str, Any]:
-    """Convert (or copy) the session's selected series into ``out_dir``; return a summary."""
+    """Convert (or copy) the session's selected series into ``out_dir``; return a summary.
+    ``salt``: the discovery's pseudonym salt (it hashed the series folders in the table)."""
 
     label = session_label(subject, session)
     rows = [r for r in sessions_rows if r["subject"] == subject and r["session"] == session]
@@ -75,7 +79,7 @@ def ingest_session(
     wanted += [("megre", sid) for sid in (srow.get("megre") or "").split(";") if sid]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{label}.", dir=out_dir.parent))
+    tmp = make_temp_dir(f".{label}.", out_dir.parent)
     images: list[dict[str, Any]] = []
     try:
         for role, sid in wanted:
@@ -85,7 +89,7 @@ def ingest_session(
                                  session=label)
             try:
                 images += _ingest_series(label, role, row, input_dir, tmp, input_format,
-                                         anonymise, timeout_s)
+                                         anonymise, timeout_s, salt)
             except QmriflowError as exc:
                 raise exc.with_context(session=label) from None
         summary = {
@@ -107,11 +111,12 @@ def ingest_session(
 
 def _ingest_series(
     label: str, role: str, row: dict[str, str], input_dir: Path, dest: Path,
-    input_format: str, anonymise: bool, timeout_s: float,
+    input_format: str, anonymise: bool, timeout_s: float, salt: str | None = None,
 ) -> list[dict[str, Any]]:
     from .discover import series_files
 
     sid = row["series_id"]
+    ref = series_ref(row)
     if input_format == "bids":
         from .discover import bids_metadata
 
@@ -129,9 +134,9 @@ def _ingest_series(
             out.append({"role": role, "series_id": sid, "nifti": name})
         return out
 
-    files = series_files(input_dir, row)
+    files = series_files(input_dir, row, salt)
     if not files:
-        raise InputError("no DICOM files found for the series", path=row["folder"])
+        raise InputError("no DICOM files found for the series", path=ref)
     with tempfile.TemporaryDirectory(prefix=".series-", dir=dest) as link_dir, \
             tempfile.TemporaryDirectory(prefix=".conv-", dir=dest) as conv_dir:
         for i, f in enumerate(files):
@@ -139,12 +144,11 @@ def _ingest_series(
         try:
             conv = run_dcm2niix(link_dir, conv_dir, anonymise=anonymise, timeout_s=timeout_s)
         except QmriflowError as exc:
-            # name the archive folder (relative), not the scratch folder of links
-            raise type(exc)(exc.reason.replace(str(link_dir), row["folder"]),
-                            path=row["folder"]) from None
+            # name the series, not the scratch folder of links (nor the archive folder)
+            raise type(exc)(exc.reason.replace(str(link_dir), ref), path=ref) from None
         mags = [c for c in conv if _is_magnitude(c.metadata)]
         if not mags:
-            raise InputError("series has no magnitude image", path=row["folder"])
+            raise InputError("series has no magnitude image", path=ref)
         if role != "megre" and len(mags) > 1:
             # dcm2niix split the series (e.g. echoes or repeated acquisitions): keep echo 1
             mags = [min(mags, key=lambda c: _echo_number(c.metadata, 1))]
@@ -156,6 +160,11 @@ def _ingest_series(
             out.append({"role": role, "series_id": sid, "nifti": name,
                         "echo_time_s": c.metadata.get("EchoTime")})
         return out
+
+
+def series_ref(row: dict[str, Any]) -> str:
+    """How messages name a series: its number and id, e.g. ``series 3 (0003a1b2c3)``."""
+    return f"series {row.get('series_number', '?')} ({row['series_id']})"
 
 
 def _target_name(label: str, role: str, series_id: str, echo: int) -> str:
