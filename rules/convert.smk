@@ -67,6 +67,8 @@ rule params:
     params:
         non3t="" if config["require_3t"] else "--allow-non-3t",
         tec=",".join(f"{k}={v}" for k, v in config["physics"]["te_correction"].items()),
+        trains=",".join(f"{k}={'null' if v is None else v}"
+                        for k, v in config["physics"]["echo_train"].items()),
         flags=session_flags,
     benchmark:
         WORK / "benchmarks" / "params" / f"{SES}.tsv"
@@ -79,7 +81,8 @@ rule params:
         CPU_IMAGE
     shell:
         "qmriflow params {input.session:q} {input.series:q} {output.params:q} {params.non3t} "
-        "--te-correction {params.tec:q} {params.flags} --provenance {output.prov:q} &> {log:q}"
+        "--te-correction {params.tec:q} --echo-train {params.trains:q} {params.flags} "
+        "--provenance {output.prov:q} &> {log:q}"
 
 
 rule dataset_description:

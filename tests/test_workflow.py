@@ -79,7 +79,9 @@ def test_ruff_check_is_clean():
 
 def test_workflow_discovers_and_converts_every_session(phantom_archive, manifest, tmp_path):
     cfg = {"input_dir": str(phantom_archive / "dicom"), "output_dir": str(tmp_path / "res"),
-           "work_dir": str(tmp_path / "work"), "pseudonym_salt": "test-salt-123"}
+           "work_dir": str(tmp_path / "work"), "pseudonym_salt": "test-salt-123",
+           # the site's T2w refocusing angle reaches the parameter step
+           "physics": {"echo_train": {"t2w_refocusing_deg": 140}}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     res = _snakemake("all_params", "--cores", "2", "--configfile", str(tmp_path / "c.yaml"),
                      cwd=tmp_path)
@@ -99,6 +101,11 @@ def test_workflow_discovers_and_converts_every_session(phantom_archive, manifest
         params = json.loads((tmp_path / "res" / s.parent.name / s.name /
                              f"{label}_desc-protocol_params.json").read_text())
         assert params["flair"]["ti_ms"] == 1650 and params["t2w"]["te_correction_factor"] == 0.9
+        # echo trains: the T2w's from the config, the 3D FLAIR's assumed (and said so)
+        t2w, flair = params["t2w"], params["flair"]
+        assert t2w["signal_model"] == "epg" and set(t2w["echo_train"]["refocusing_deg"]) == {140}
+        assert "physics.echo_train.t2w_refocusing_deg" in t2w["echo_train_source"]
+        assert flair["signal_model"] == "epg" and "ASSUMED" in flair["echo_train_source"]
     assert (tmp_path / "res" / "failures.tsv").read_text().strip().count("\n") == 0
     # no identifier anywhere: names, logs, sidecars, tables, NIfTI headers
     assert assert_no_identifiers(tmp_path) > 50
