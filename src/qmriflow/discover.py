@@ -187,14 +187,8 @@ def locate(input_dir: str | Path, ref: str, salt: str) -> list[Path]:
     if not m:
         return []
     want = "#" + m.group(1)
-    out = []
-    for dirpath, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            path = Path(dirpath) / name
-            if file_ref(_rel(path, root), salt) == want:
-                out.append(path)
-    return out
+    # the files discovery reads (and so can report), walked the same way (no symlink loops)
+    return [p for p in _walk(root) if file_ref(_rel(p, root), salt) == want]
 
 
 # ---------------------------------------------------------------------------------------------
