@@ -67,13 +67,22 @@ def phantom_tables(phantom_archive):
     return discover(phantom_archive / "dicom", "params-salt")
 
 
+def _dicom_dir(converted, folder_ref_: str) -> str:
+    """The manifest's ``dicom_dir`` behind a series table's (salted, non-identifying) folder."""
+    from qmriflow.discover import folder_ref
+
+    (hit,) = [d for d in converted
+              if folder_ref(d.removeprefix("dicom/"), "params-salt") == folder_ref_]
+    return hit
+
+
 def _session_inputs(series_rows, converted, subject, session):
     conv: dict[str, list[Path]] = {}
     for r in series_rows:
         if (r["subject"], r["session"]) != (subject, session) or not r["selected"]:
             continue
         key = r["role"] if r["role"] != "megre" else f"megre:{r['series_id']}"
-        conv[key] = [c.sidecar for c in converted["dicom/" + r["folder"]]]
+        conv[key] = [c.sidecar for c in converted[_dicom_dir(converted, r["folder"])]]
     return conv
 
 
@@ -87,8 +96,8 @@ def test_phantom_session_params(phantom_tables, converted, manifest, tmp_path):
         assert p["session"] == label
         for role in ("t1w", "t2w", "flair"):
             e = p[role]
-            m = by_dir["dicom/" + next(r["folder"] for r in series
-                                       if r["series_id"] == e["series_id"])]
+            m = by_dir[_dicom_dir(by_dir, next(r["folder"] for r in series
+                                               if r["series_id"] == e["series_id"]))]
             assert m["role"] == role
             assert (e["tr_ms"], e["te_ms"], e["ti_ms"], e["fa_deg"]) == pytest.approx(
                 (m["RepetitionTime_ms"], m["EchoTime_ms"], m["InversionTime_ms"],
@@ -98,6 +107,11 @@ def test_phantom_session_params(phantom_tables, converted, manifest, tmp_path):
                 "te_correction_factor"])
         assert (p["t1w"]["sequence"], p["t2w"]["sequence"], p["flair"]["sequence"]) == (
             "gre", "tse", "flair")
+        # Philips-like headers: the T2w FlipAngle is the 90° excitation (no refocusing angle:
+        # TE factor); the long 3D FLAIR takes the assumed variable-angle train
+        assert p["t2w"]["signal_model"] == "te-factor" and p["t2w"]["echo_train"] is None
+        assert p["flair"]["signal_model"] == "epg" and "ASSUMED" in p["flair"][
+            "echo_train_source"]
         assert p["t2w"]["te_correction_factor"] == 0.90
         assert len(p["megre"]) == 1 and p["megre"][0]["echo_times_ms"] == pytest.approx(
             [1.15, 2.3, 3.45, 4.6, 5.75, 6.9], abs=TOL)
