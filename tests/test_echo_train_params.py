@@ -93,3 +93,18 @@ def test_cluster_fit_signals_use_each_sessions_train() -> None:
     assert got == pytest.approx(want, rel=1e-12)
     assert abs(got[0] / float(physics.signal(physics.Protocol("tse", 4200.0, 100.0), 0.7, 0.85,
                                                 0.07)) - 1) > 0.01
+
+
+def test_a_site_can_give_its_3d_flair_schedule() -> None:
+    site = EchoTrainSettings(flair_3d_minimum_deg=45.0, flair_3d_end_deg=120.0,
+                             flair_3d_start_deg=160.0, flair_3d_echo_spacing_ms=3.4)
+    train, src = estimator_echo_train(_flair(), {}, site)
+    t = EchoTrain.from_dict(train)
+    assert "from the site's physics.echo_train" in src and "ASSUMED" not in src
+    assert t.esp_ms == 3.4 and t.refocusing_deg[0] == 160.0
+    assert min(t.refocusing_deg) == pytest.approx(45.0, abs=0.5)
+    assert t.refocusing_deg[-1] == pytest.approx(120.0, abs=0.5)
+    train, src = estimator_echo_train(_flair(), {}, EchoTrainSettings(flair_3d_minimum_deg=45.0))
+    assert "site's minimum_deg, the rest ASSUMED" in src
+    with pytest.raises(ValueError, match="flair_3d_echo_spacing_ms must be in"):
+        EchoTrainSettings(flair_3d_echo_spacing_ms=0.1)

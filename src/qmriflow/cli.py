@@ -239,7 +239,7 @@ def _echo_train_settings(text: str, label: str) -> Any:
         for kv in (x for x in text.split(",") if x):
             k, v = kv.split("=")
             values[k] = (None if v in ("", "null", "None") else float(v)
-                         if k.endswith("_deg") else v)
+                         if k.endswith(("_deg", "_ms")) else v)
         return EchoTrainSettings(**values)
     except (TypeError, ValueError) as exc:
         raise InputError(f"bad --echo-train {text!r}: {exc}", session=label) from None

@@ -176,6 +176,13 @@ class EchoTrainSettings:
     t2w_refocusing_deg: float | None = None
     flair_refocusing_deg: float | None = None
     flair_3d_schedule: str = "assumed"
+    flair_3d_start_deg: float | None = None
+    flair_3d_minimum_deg: float | None = None
+    flair_3d_end_deg: float | None = None
+    flair_3d_echo_spacing_ms: float | None = None
+    """The site's own 3D FLAIR schedule (exam card: first and plateau refocusing angles, the
+    angle at the end of the train, echo spacing); each one not given keeps its value in
+    :data:`ASSUMED_3D_SCHEDULE`, and the sidecar says which were the site's."""
 
     def __post_init__(self) -> None:
         if self.model not in ("auto", "off"):
@@ -183,10 +190,26 @@ class EchoTrainSettings:
         if self.flair_3d_schedule not in ("assumed", "off"):
             raise ValueError("physics.echo_train.flair_3d_schedule must be assumed or off, "
                              f"got {self.flair_3d_schedule!r}")
-        for k in ("t2w_refocusing_deg", "flair_refocusing_deg"):
+        for k, lo in (("t2w_refocusing_deg", 60.0), ("flair_refocusing_deg", 60.0),
+                      ("flair_3d_start_deg", 10.0), ("flair_3d_minimum_deg", 10.0),
+                      ("flair_3d_end_deg", 10.0)):
             v = getattr(self, k)
-            if v is not None and not 60.0 <= float(v) <= 180.0:
-                raise ValueError(f"physics.echo_train.{k} must be in [60, 180]°, got {v!r}")
+            if v is not None and not lo <= float(v) <= 180.0:
+                raise ValueError(f"physics.echo_train.{k} must be in [{lo:g}, 180]°, "
+                                 f"got {v!r}")
+        esp = self.flair_3d_echo_spacing_ms
+        if esp is not None and not 1.0 <= float(esp) <= 50.0:
+            raise ValueError("physics.echo_train.flair_3d_echo_spacing_ms must be in "
+                             f"[1, 50] ms, got {esp!r}")
+
+    def schedule_3d(self) -> tuple[dict[str, float], list[str]]:
+        """The 3D FLAIR schedule to simulate and the names of the values the site gave."""
+        site = {"start_deg": self.flair_3d_start_deg, "minimum_deg": self.flair_3d_minimum_deg,
+                "end_deg": self.flair_3d_end_deg,
+                "echo_spacing_ms": self.flair_3d_echo_spacing_ms}
+        given = [k for k, v in site.items() if v is not None]
+        return ({k: float(site[k] if site[k] is not None else ASSUMED_3D_SCHEDULE[k])
+                 for k in ASSUMED_3D_SCHEDULE}, given)
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any] | None) -> EchoTrainSettings:
@@ -228,20 +251,22 @@ def estimator_echo_train(entry: Mapping[str, Any], sidecar_meta: Mapping[str, An
         if st.flair_3d_schedule != "assumed" or seq != "flair":
             return None, (f"{fallback}: variable refocusing angles of a {etl}-echo 3D train "
                           "are not in the headers")
-        esp = float(ASSUMED_3D_SCHEDULE["echo_spacing_ms"])
+        sched, given = st.schedule_3d()
+        esp = sched["echo_spacing_ms"]
         centre = round(te / esp)
         if centre > etl:
             esp, centre = te / etl, etl
         centre = max(centre, 1)
-        angles = variable_flip_schedule(
-            etl, start_deg=ASSUMED_3D_SCHEDULE["start_deg"],
-            minimum_deg=ASSUMED_3D_SCHEDULE["minimum_deg"],
-            end_deg=ASSUMED_3D_SCHEDULE["end_deg"])
+        angles = variable_flip_schedule(etl, start_deg=sched["start_deg"],
+                                        minimum_deg=sched["minimum_deg"],
+                                        end_deg=sched["end_deg"])
+        whose = ("ASSUMED" if not given else "from the site's physics.echo_train"
+                 if len(given) == len(sched) else
+                 f"site's {', '.join(given)}, the rest ASSUMED")
         source = (f"EPG, {etl}-echo 3D train from EchoTrainLength; variable refocusing angles "
-                  f"ASSUMED ({ASSUMED_3D_SCHEDULE['start_deg']:g}° → "
-                  f"{ASSUMED_3D_SCHEDULE['minimum_deg']:g}° → "
-                  f"{ASSUMED_3D_SCHEDULE['end_deg']:g}°, spacing {esp:.3g} ms assumed, "
-                  f"centre echo {centre} at the header's TE)")
+                  f"{whose} ({sched['start_deg']:g}° → {sched['minimum_deg']:g}° → "
+                  f"{sched['end_deg']:g}°, spacing {esp:.3g} ms, centre echo {centre} at the "
+                  "header's TE)")
     else:
         angle, where = None, ""
         rfa = _number(sidecar_meta.get("RefocusingFlipAngle"))
