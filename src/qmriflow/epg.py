@@ -284,13 +284,15 @@ class SignalTable:
     values: np.ndarray
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4096)
 def steady_state_table(train: EchoTrain, tr_ms: float, ti_ms: float | None = None
                        ) -> SignalTable:
     """:func:`tse_steady_state` at ideal transmit (b1 = 1, perfect inversion) tabulated for
     an estimator: the estimator knows the train from the headers (or assumes it), not the
     subject's transmit field, slice profile or inversion efficiency. Cached per protocol
-    (a 170-echo train takes a few seconds)."""
+    (a 170-echo train takes a few seconds; 12.8 kB a table): large enough that a cluster fit
+    over thousands of sessions, which evaluates every session's protocol at each step, never
+    rebuilds one."""
     lo = (math.log(TABLE_T1_S[0]), math.log(TABLE_T2_S[0]))
     hi = (math.log(TABLE_T1_S[1]), math.log(TABLE_T2_S[1]))
     n = TABLE_NODES
