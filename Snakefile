@@ -3,6 +3,7 @@
 import os
 import shlex
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 from qmriflow.config import schema_path, validate_config
@@ -16,6 +17,15 @@ configfile: os.path.join(workflow.basedir, "workflow_config.yaml")
 # Snakemake's own validation (fills defaults), then ours for a message naming the key.
 validate(config, schema=str(schema_path()))
 config = validate_config(config)
+
+
+# `--cores -2` (or 0) would reach every rule as `threads: -2` and the provenance as such.
+try:
+    _cores = workflow.cores
+except WorkflowError:  # no --cores given (dry run, cluster executor): nothing to check
+    _cores = None
+if isinstance(_cores, int) and _cores < 1:
+    raise WorkflowError(f"--cores must be at least 1, got {_cores}")
 
 
 localrules:

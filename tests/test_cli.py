@@ -114,3 +114,54 @@ def test_phantom_cli_refuses_absurd_options(tmp_path, args, needle):
     res = _run("phantom", str(tmp_path / "p"), *args)
     assert res.returncode == 1 and needle in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["register", "--t1w", "a", "--t2w", "b", "--flair", "c", "--out-dir", "o",
+     "--subject", "x", "--session", "y", "--threads", "-2"],
+    ["n4", "--t1w", "a", "--t2w", "b", "--flair", "c", "--out-t1w", "d", "--out-t2w", "e",
+     "--out-flair", "f", "--subject", "x", "--session", "y", "--threads", "0"],
+    ["skullstrip", "a", "b", "--subject", "x", "--session", "y", "--threads", "-1"],
+    ["segment", "a", "b", "--out-prefix", "p", "--subject", "x", "--session", "y",
+     "--threads", "0"],
+    ["nightly", "--configfile", "c.yaml", "--cores", "-2"],
+    ["demo", "--cores", "0"],
+    ["phantom", "p", "--workers", "0"],
+    ["train", "pack", "out", "--threads", "0"],
+    ["infer", "s", "--out-dir", "o", "--subject", "x", "--session", "y", "--threads", "-4"],
+    ["search", "pack", "out", "--threads", "0"],
+    ["repro", "out", "--threads", "-2"],
+    ["cse-fit", "in", "--out", "o", "--threads", "-1"],
+])
+def test_thread_and_core_counts_below_one_are_refused(argv, capsys, tmp_path, monkeypatch):
+    """Issue 24 finding 5: `--cores -2` ran and provenance recorded "threads": -2."""
+    import qmriflow.demo
+    import qmriflow.phantom.generate
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the step ran with a count below 1")
+
+    # (should the option be accepted, nothing is generated or run in the checkout)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(qmriflow.demo, "run_demo", ran)
+    monkeypatch.setattr(qmriflow.phantom.generate, "generate_archive", ran)
+    err = _usage_error(argv, capsys)
+    assert "must be at least" in err
+
+
+def test_cse_fit_threads_zero_keeps_its_auto_meaning():
+    from qmriflow.cli import build_parser
+
+    a = build_parser().parse_args(["cse-fit", "in", "--out", "o", "--threads", "0"])
+    assert a.threads == 0
+    a = build_parser().parse_args(["register", "--t1w", "a", "--t2w", "b", "--flair", "c",
+                                   "--out-dir", "o", "--subject", "x", "--session", "y",
+                                   "--threads", "3"])
+    assert a.threads == 3

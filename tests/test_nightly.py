@@ -373,3 +373,15 @@ def test_nightly_profile_keeps_the_lock_and_mtime_triggers() -> None:
     assert prof["rerun-triggers"] == ["mtime"]
     assert prof["keep-going"] is True and prof["rerun-incomplete"] is True
     assert prof.get("nolock", False) is False
+
+
+@pytest.mark.parametrize("cores", [0, -2])
+def test_nightly_refuses_core_counts_below_one(tmp_path: Path, cores: int) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"input_dir": str(tmp_path / "archive"),
+                                   "output_dir": "results", "work_dir": "work",
+                                   "pseudonym_salt": SALT,
+                                   "model": {"checkpoint": "model.pt"}}))
+    with pytest.raises(ConfigError, match="cores must be"):
+        run_nightly(cfg, directory=tmp_path, cores=cores)
+    assert not (tmp_path / "work").exists()

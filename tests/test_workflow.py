@@ -130,3 +130,13 @@ def test_container_images_default_to_the_package_version():
     cfg = validate_config({"input_dir": "x", "containers": {"cpu": "/images/q.sif"}})
     assert cfg["containers"]["cpu"] == "/images/q.sif"
     assert cfg["containers"]["cuda"].endswith(f"qmriflow-cuda:{__version__}")
+
+
+@pytest.mark.parametrize("cores", ["-2", "0"])
+def test_snakemake_refuses_cores_below_one(tmp_path, cores):
+    """Issue 24 finding 5: `--cores -2` reached every rule as `threads: -2`."""
+    (tmp_path / "archive").mkdir()
+    res = _snakemake("-n", f"--cores={cores}", "--config", f"input_dir={tmp_path / 'archive'}",
+                     cwd=tmp_path)
+    assert res.returncode != 0
+    assert f"--cores must be at least 1, got {cores}" in res.stdout + res.stderr

@@ -36,6 +36,32 @@ def arguments(configure: Callable[[argparse.ArgumentParser], None]):
     return deco
 
 
+def positive_int(text: str) -> int:
+    """argparse type of every thread, core and worker count: an integer >= 1.
+
+    ``--threads -2`` or ``--cores 0`` is refused with a usage error (exit status 2) instead of
+    reaching a tool, or a provenance record, as a nonsensical count."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def count_or_auto(text: str) -> int:
+    """argparse type of a thread count where 0 has the documented meaning "all available":
+    an integer >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 (0 = all available), got {n}")
+    return n
+
+
 # ---------------------------------------------------------------------------------------------
 # phantom
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +75,7 @@ def _phantom_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cse", action="store_true", help="add a 6-echo GRE fat/water series")
     p.add_argument("--snr", type=float, default=40.0, help="brain-mean signal / noise sigma")
-    p.add_argument("--workers", type=int, default=2, help="parallel subjects")
+    p.add_argument("--workers", type=positive_int, default=2, help="parallel subjects")
     p.add_argument("--tissue-range", type=float, default=0.0, metavar="F",
                    help="draw every tissue parameter per subject uniformly within ±F of its "
                         "reference (e.g. 0.2); default: N(0, 3 %%) variation")
@@ -281,7 +307,7 @@ def _register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--inplane-mm", type=float, default=1.0)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--multithreaded", action="store_true",
                    help="let ITK use --threads threads for the registration too: faster, but "
                         "the transforms then differ slightly from run to run (default: "
@@ -320,7 +346,7 @@ def _n4_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-area-fraction", type=float, default=0.15)
     p.add_argument("--drop-fraction", type=float, default=0.0)
     p.add_argument("--shrink", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     _session_args(p)
 
 
@@ -348,7 +374,7 @@ def _skullstrip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--allow-download", action="store_true",
                    help="let hd-bet2 download its weights (off by default)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--t2w", type=Path, help="T2w on the T1w's grid: grow the mask into the "
                    "CSF around the brain (see --csf-fill-mm)")
     p.add_argument("--csf-fill-mm", type=float, default=5.0,
@@ -380,7 +406,7 @@ def _segment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flair", type=Path)
     p.add_argument("--backend", choices=["atropos", "fast"], default="atropos")
     p.add_argument("--erode-mm", type=float, default=2.0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     _session_args(p)
 
 
@@ -453,7 +479,7 @@ def _done(a: argparse.Namespace) -> int:
 
 def _nightly_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configfile", type=Path, required=True, help="the workflow config")
-    p.add_argument("--cores", type=int, default=None, help="default: the profile's (all)")
+    p.add_argument("--cores", type=positive_int, default=None, help="default: the profile's (all)")
     p.add_argument("--profile", type=Path, default=None,
                    help="Snakemake profile (default: profiles/nightly of the checkout)")
     p.add_argument("--directory", type=Path, default=None,
@@ -536,7 +562,7 @@ def _validate(a: argparse.Namespace) -> int:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("demo"), help="demo folder")
-    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--cores", type=positive_int, default=2)
     p.add_argument("--subjects", type=int, default=3)
     p.add_argument("--sessions", type=int, default=1)
 

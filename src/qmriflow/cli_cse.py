@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import _provenance, _with_session, arguments, command
+from .cli import _provenance, _with_session, arguments, command, count_or_auto
 
 __all__: list[str] = []
 
@@ -37,7 +37,8 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs", type=int, default=500)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all available)")
+    p.add_argument("--threads", type=count_or_auto, default=0,
+                   help="CPU threads (0 = all available)")
     _optional_session_args(p)
 
 

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from .cli import _provenance, _session_args, _with_session, arguments, command
+from .cli import _provenance, _session_args, _with_session, arguments, command, positive_int
 from .errors import ConfigError
 from .model.calibration import (
     DEFAULT_ESTIMATOR,
@@ -207,7 +207,7 @@ def _hyper_args(p: argparse.ArgumentParser) -> None:
                    help="the warm-up lasts at least this many optimiser steps")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
 
 
 def _train_config(a: argparse.Namespace):
@@ -271,7 +271,7 @@ def _infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--scale-bound", type=float, default=0.2)
     p.add_argument("--scaling", choices=["seed", "calibrated"], default=None,
                    help="default: the checkpoint's training setting (seed for published weights)")
@@ -335,7 +335,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
 
 
 @command("search", "Optuna search over the seed's hyper-parameter space (Table B.1; optional)")

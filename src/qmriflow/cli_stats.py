@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import _provenance, _session_args, _with_session, arguments, command
+from .cli import _provenance, _session_args, _with_session, arguments, command, positive_int
 
 # ---------------------------------------------------------------------------------------------
 # stats (per session)
@@ -96,7 +96,7 @@ def _repro_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-interval-days", type=float, default=None)
     p.add_argument("--figures-dir", type=Path, help="scatter/Bland-Altman PNGs (default: "
                                                     "OUT_DIR)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=1,
                    help="registration seed (>= 1; ANTs treats 0 as unseeded)")
     p.add_argument("--provenance", type=Path, help="write this step's provenance JSON here")

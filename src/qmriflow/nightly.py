@@ -191,6 +191,8 @@ def run_nightly(
     lock."""
     from .demo import repo_root, tool_env
 
+    if cores is not None and (isinstance(cores, bool) or int(cores) != cores or cores < 1):
+        raise ConfigError(f"cores must be a whole number of at least 1, got {cores!r}")
     cwd = Path(directory or ".").resolve()
     configfile = Path(configfile).resolve()
     cfg = load_config(configfile)
