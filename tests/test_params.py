@@ -239,6 +239,23 @@ def test_validation_refuses_in_one_line(role, changes, reason):
     assert "\n" not in msg
 
 
+@pytest.mark.parametrize(("role", "field", "reason"), [
+    ("t2w", None, "missing MagneticFieldStrength in the sidecar (required even with "
+                  "require_3t: false)"),
+    ("t1w", 30.0, "MagneticFieldStrength 30 T outside the 0.1–11.7 T"),
+    ("flair", 0.05, "MagneticFieldStrength 0.05 T outside the 0.1–11.7 T"),
+    ("megre", 15000.0, "MagneticFieldStrength 15000 T outside"),
+])
+def test_field_strength_required_and_plausible_without_require_3t(role, field, reason):
+    """Issue 24 finding 5: with require_3t: false a missing or 30 T field was accepted."""
+    with pytest.raises(InputError) as err:
+        validate_session_params(_with(role, field_strength_t=field), False, "sub-a_ses-b")
+    msg = str(err.value)
+    assert msg.startswith(f"session sub-a_ses-b: /conv/{role}.json: ") and reason in msg
+    validate_session_params(_with(role, field_strength_t=0.55), False, "sub-a_ses-b")
+    validate_session_params(_with(role, field_strength_t=7.0), False, "sub-a_ses-b")
+
+
 def test_validation_accepts_valid_and_other_fields_when_allowed():
     validate_session_params(VALID, True, "sub-a_ses-b")
     validate_session_params(_with("t2w", field_strength_t=1.5), False, "sub-a_ses-b")

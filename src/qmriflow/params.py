@@ -19,12 +19,14 @@ Philips floating-point values compare between series; :func:`intensity_scaling`)
 
 Refused: missing or non-finite TR/TE/FA, negative times, TE ≥ TR (the last echo for multi-echo
 GRE), FLAIR or IR-GRE without an inversion time, TI ≥ TR for those, flip angle outside
-[1, 180]°, a field other than 3 T for T1w/T2w/FLAIR when ``require_3t`` (2.5–3.5 T counts as
-3 T; Siemens writes 2.89), fewer than two or non-increasing echo times for multi-echo GRE, and
-an IR-GRE whose TR is below 100 ms: Philips T1TFE (MPRAGE) reports the excitation TR
-(≈ 6.5 ms) while the IR-GRE model needs the time between inversions, which Philips keeps in
-private tags only — computed with the excitation TR the model would be wrong by orders of
-magnitude, so the session is refused rather than processed silently (../shared/NOTES.md E).
+[1, 180]°, a missing field strength or one outside :data:`FIELD_RANGE_T` (0.1–11.7 T, also
+with ``require_3t: false``), a field other than 3 T for T1w/T2w/FLAIR when ``require_3t``
+(2.5–3.5 T counts as 3 T; Siemens writes 2.89), fewer than two or non-increasing echo times
+for multi-echo GRE, and an IR-GRE whose TR is below 100 ms: Philips T1TFE (MPRAGE) reports
+the excitation TR (≈ 6.5 ms) while the IR-GRE model needs the time between inversions, which
+Philips keeps in private tags only — computed with the excitation TR the model would be wrong
+by orders of magnitude, so the session is refused rather than processed silently
+(../shared/NOTES.md E).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from .physics import SEQUENCES, TECorrection, te_correction_factor
 
 __all__ = [
     "ASSUMED_3D_SCHEDULE",
+    "FIELD_RANGE_T",
     "IRGRE_MIN_TR_MS",
     "EchoTrainSettings",
     "estimator_echo_train",
@@ -57,6 +60,10 @@ __all__ = [
 IRGRE_MIN_TR_MS = 100.0
 """Below this, an IR-GRE TR is the excitation TR, not the inversion repetition time."""
 FIELD_3T_RANGE = (2.5, 3.5)
+FIELD_RANGE_T = (0.1, 11.7)
+"""Field strengths (tesla) any series may have, whatever ``require_3t`` says: from low-field
+(0.1 T) to the strongest human MRI scanner (11.7 T). Outside it the header is wrong (a
+missing unit conversion: 30 for 3 T, 15000 gauss) and no signal model should trust it."""
 SINGLE_ROLES = ("t1w", "t2w", "flair")
 ROLE_LABEL = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR", "megre": "multi-echo GRE"}
 SEQ_LABEL = {"gre": "GRE", "irgre": "IR-GRE", "se": "spin-echo", "tse": "TSE",
@@ -414,14 +421,17 @@ def _check_entry(p: Mapping[str, Any], require_3t: bool, session: str | None) ->
         fail(f"contradicting intensity scaling: {bad_scaling}")
     field = p.get("field_strength_t")
     field = None if field is None else float(field)
-    if field is not None and not (math.isfinite(field) and field > 0):
+    if field is None:
+        fail("missing MagneticFieldStrength in the sidecar" + (
+            " (the fat/water model needs it)" if role == "megre" else
+            "; 3 T required (require_3t)" if require_3t else
+            " (required even with require_3t: false)"))
+    if not (math.isfinite(field) and field > 0):
         fail(f"MagneticFieldStrength is not a positive number ({field})")
-    if role == "megre":
-        if field is None:
-            fail("missing MagneticFieldStrength (the fat/water model needs it)")
-    elif require_3t:
-        if field is None:
-            fail("missing MagneticFieldStrength; 3 T required (require_3t)")
+    if not FIELD_RANGE_T[0] <= field <= FIELD_RANGE_T[1]:
+        fail(f"MagneticFieldStrength {_fmt(field)} T outside the {FIELD_RANGE_T[0]}–"
+             f"{FIELD_RANGE_T[1]} T of human MRI scanners (a header in other units?)")
+    if role != "megre" and require_3t:
         if not FIELD_3T_RANGE[0] <= field <= FIELD_3T_RANGE[1]:
             fail(f"{_fmt(field)} T acquisition; the models are calibrated for 3 T (set "
                  f"require_3t: false to process other field strengths)")
