@@ -213,6 +213,37 @@ def test_unreadable_files_make_only_their_session_corrupt(archive, tmp_path):
     assert sorted(s["status"][:8] for s in back) == ["corrupt:"] * 3 + ["ok"]
 
 
+def test_foreign_files_in_a_series_folder_are_ignored_with_a_warning(archive, caplog):
+    """Issue 24 finding 5: one stray non-DICOM file in a series folder made the whole session
+    corrupt. A file without the DICM preamble and without a parsable data set (and not named
+    *.dcm) is no series file; a DICOM file cut short still is, whatever its name."""
+    rng = np.random.default_rng(11)
+    t2 = archive / "S001/V01/03_T2W_TSE_C"
+    (t2 / "Thumbs").write_bytes(rng.bytes(2500))  # a viewer's cache without its .db
+    (t2 / "VERSION").write_text("PACS export 4.2\n")
+    (t2 / "SCREENSHOT").write_bytes(b"\xff\xd8\xff\xe0" + rng.bytes(3000))  # a JPEG
+    (t2 / "LOCK").write_bytes(b"")
+    good = sorted((archive / "S001/V02/04_3D_FLAIR_C").glob("IM_*.dcm"))[0].read_bytes()
+    (archive / "S001/V02/04_3D_FLAIR_C/IM9999").write_bytes(good[:900])  # header cut
+    caplog.set_level("WARNING", logger="qmriflow")
+    sessions, series = discover(archive, SALT)
+    assert _status(sessions, series, "S001/V01") == "ok"
+    t2_row = next(r for r in series if r["folder"] == folder_ref("S001/V01/03_T2W_TSE_C", SALT))
+    assert len(series_files(archive, t2_row, SALT)) == t2_row["n_files"]
+    assert not any(str(f.name) in ("Thumbs", "VERSION", "SCREENSHOT", "LOCK")
+                   for f in series_files(archive, t2_row, SALT))
+    for name in ("Thumbs", "VERSION", "SCREENSHOT", "LOCK"):
+        ref = file_ref(f"S001/V01/03_T2W_TSE_C/{name}", SALT)
+        assert re.search(rf"ignored file {ref} in the folder of series 3\d\d: not DICOM",
+                         caplog.text), caplog.text
+    for word in ("Thumbs", "VERSION", "SCREENSHOT", "LOCK", "S001", "T2W"):
+        assert word not in caplog.text
+    status = _status(sessions, series, "S001/V02")
+    ref = file_ref("S001/V02/04_3D_FLAIR_C/IM9999", SALT)
+    assert status.startswith(f"corrupt: file {ref} in the folder of series 4"), status
+    assert sum(s["status"] == "ok" for s in sessions) == 3
+
+
 def test_session_without_flair_is_incomplete(archive):
     shutil.rmtree(archive / "S002/V02/04_3D_FLAIR")
     sessions, series = discover(archive, SALT)

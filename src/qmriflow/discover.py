@@ -15,8 +15,12 @@ Session status (one line, ``sessions.tsv``):
 * ``ok``;
 * ``incomplete: no FLAIR series`` (or ``no T1w, T2w or FLAIR series``, ...);
 * ``corrupt: file #<ref> in the folder of series <N>: <reason>`` when a file in one of the
-  session's folders is not readable DICOM (random bytes, truncated header or pixel data);
-  ``<ref>`` is :func:`file_ref` of its path (``qmriflow locate`` finds it).
+  session's folders is damaged DICOM (truncated header or pixel data, or a ``*.dcm`` file
+  that does not parse); ``<ref>`` is :func:`file_ref` of its path (``qmriflow locate`` finds
+  it). A file that is not DICOM at all (no ``DICM`` preamble, no parsable data set, and not
+  named ``*.dcm``/``*.ima``: a viewer's thumbnail, a lock file) is no series file: it is
+  ignored with a warning in the log, by reference (``ignored file #<ref> in the folder of
+  series <N>: not DICOM ...``).
   The workflow's first per-session job turns that status into a one-line error for that
   session only;
 * ``deferred: files changed <N> s ago (quiet period <Q> s)`` when a quiet period is given and
@@ -201,6 +205,30 @@ class _Bad:
     reason: str
 
 
+@dataclass
+class _Foreign:
+    """A file that is not DICOM at all (ignored with a warning, see :func:`_not_dicom`)."""
+
+    reason: str
+
+
+#: Names that claim DICOM content: such a file that does not parse is a damaged DICOM file.
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima"})
+
+
+def _not_dicom(path: Path) -> _Bad | _Foreign:
+    """What a file without the ``DICM`` preamble and without a parsable raw data set is.
+
+    Named as DICOM (:data:`DICOM_SUFFIXES`): a damaged DICOM file, which makes its session
+    corrupt. Otherwise a foreign file that an export or a viewer left in the folder
+    (``Thumbs.db``-like files, ``VERSION``, a screenshot without extension, a lock file): not
+    part of any series, so it is ignored with a warning. A DICOM file that has the preamble but
+    is cut short or unreadable is never foreign (:func:`_read_header`)."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return _Bad("not a DICOM file")
+    return _Foreign("not DICOM (no DICM preamble, no parsable data set)")
+
+
 def _plain(value: Any) -> Any:
     """pydicom value -> str / float / int / list of those."""
     from pydicom.multival import MultiValue
@@ -234,9 +262,11 @@ def _ge_kind(raw: Any) -> int | None:
         return None
 
 
-def _read_header(path: Path) -> dict[str, Any] | _Bad | None:
-    """Header of one file as plain values; :class:`_Bad` if unreadable; None to skip
-    (a DICOMDIR or another DICOM file that belongs to no series)."""
+def _read_header(path: Path) -> dict[str, Any] | _Bad | _Foreign | None:
+    """Header of one file as plain values; :class:`_Bad` if unreadable DICOM (truncated
+    header or pixel data, or a DICOM-named file that does not parse); :class:`_Foreign` if not
+    DICOM at all (:func:`_not_dicom`); None to skip (a DICOMDIR or another DICOM file that
+    belongs to no series)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -252,11 +282,12 @@ def _read_header(path: Path) -> dict[str, Any] | _Bad | None:
                 forced = True
                 ds = pydicom.dcmread(path, defer_size=1024, specific_tags=tags, force=True)
         except InvalidDicomError:
-            return _Bad("not a DICOM file")
+            return _not_dicom(path)
         except OSError as exc:
             return _Bad(f"cannot read file ({type(exc).__name__})")
         except Exception as exc:
-            return _Bad(f"unreadable DICOM header ({type(exc).__name__})")
+            return (_not_dicom(path) if forced
+                    else _Bad(f"unreadable DICOM header ({type(exc).__name__})"))
         try:
             values = {kw: _plain(ds.get(kw)) for kw in HEADER_TAGS}
             ge = ds.get_item(_GE_IMAGE_KIND, keep_deferred=True)
@@ -265,11 +296,12 @@ def _read_header(path: Path) -> dict[str, Any] | _Bad | None:
                           if t in ds), None)
             sop_class = str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
         except Exception as exc:
-            return _Bad(f"unreadable DICOM header ({type(exc).__name__})")
+            return (_not_dicom(path) if forced
+                    else _Bad(f"unreadable DICOM header ({type(exc).__name__})"))
     study, series = values.get("StudyInstanceUID"), values.get("SeriesInstanceUID")
     if forced and not (isinstance(series, str) and _UID_RE.match(series)
                        and isinstance(study, str) and _UID_RE.match(study)):
-        return _Bad("not a DICOM file")
+        return _not_dicom(path)
     if sop_class == _MEDIA_DIRECTORY:
         return None
     if not study or not series:
@@ -413,10 +445,14 @@ def discover_dicom_tables(
     sessions: dict[tuple[str, str], dict[str, _Series]] = defaultdict(dict)
     newest: dict[tuple[str, str], float] = defaultdict(float)
     bad: list[tuple[str, str, float]] = []
+    foreign: list[tuple[str, str]] = []
     for path in _walk(root):
         rel = _rel(path, root)
         h = _read_header(path)
         if h is None:
+            continue
+        if isinstance(h, _Foreign):
+            foreign.append((rel, h.reason))
             continue
         changed = _changed(path) if quiet_period_s > 0 else 0.0
         if isinstance(h, _Bad):
@@ -508,6 +544,11 @@ def discover_dicom_tables(
             row["status"] = f"corrupt: file {file_ref(rel, salt)}{where}: {reason}{more}"
         session_rows.append(row)
         series_rows.extend(selected)
+    for rel, reason in foreign:
+        near = sorted({n for (_key, f), ns in numbers_in.items() if f == _parent(rel)
+                       for n in ns})
+        where = f" in the folder of series {', '.join(map(str, near))}" if near else ""
+        logger.warning("ignored file %s%s: %s", file_ref(rel, salt), where, reason)
     return session_rows, series_rows
 
 
