@@ -470,6 +470,19 @@ def test_registration_failure_is_tool_error(small_session, tmp_path, monkeypatch
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
 
 
+def test_non_finite_registration_metric_is_refused(small_session, tmp_path, monkeypatch):
+    """Issue 24 finding 4: a nan Mattes metric was accepted as 'registered to T2w'."""
+    _d, paths, _aff, _shape = small_session
+    monkeypatch.setattr(R, "_mi", lambda *a, **k: float("nan"))
+    out = tmp_path / "out"
+    with pytest.raises(ToolError, match=r"mutual information after registration is not a "
+                                        r"finite number \(nan\)") as ei:
+        R.register_session(paths["t2w"], paths["t1w"], paths["flair"], _outputs(out),
+                           out / ".work", threads=THREADS, size=64)
+    _assert_one_line_naming(ei.value, paths["t1w"])
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
 def test_registration_seed_zero_is_refused():
     """antsRegistration reads --random-seed 0 as 'seed from the clock' (runs then differ)."""
     args = R._registration_args("f", "m", "fm", "fc", "mc", "p", "w", "i", 7,

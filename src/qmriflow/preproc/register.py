@@ -588,6 +588,11 @@ def _register_arrays(fdata: np.ndarray, faff: np.ndarray, fmask: np.ndarray,
         init = _com_translation_ras(fmask, faff, mmask, maff)
         mi_init = _mi(fixed_i, _warp(fixed_i, moving_i, init, tmpdir), fmask_i)
         mi_final = _mi(fixed_i, warped, fmask_i)
+        if not math.isfinite(mi_final):
+            # (a 1-slice or empty image gives nan): no evidence that the images were aligned
+            raise ToolError(f"registration failed: the Mattes mutual information after "
+                            f"registration is not a finite number ({mi_final})",
+                            path=moving_path)
         mmask_w = ants.apply_transforms(fixed=fcom_i, moving=mcom_i, transformlist=[str(mat)],
                                         interpolator="linear").numpy() > 0.5
         dice = _dice(fmask, mmask_w)
@@ -661,7 +666,7 @@ def _mi(fixed_i, warped_i, mask_i) -> float:
     try:
         return round(float(ants.image_similarity(fixed_i, warped_i, "MattesMutualInformation",
                                                  fixed_mask=mask_i)), 6)
-    except Exception:  # a metric is provenance only; never fail the step on it
+    except Exception:  # not measurable: nan, which the final metric refuses
         return float("nan")
 
 
