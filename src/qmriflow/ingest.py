@@ -5,6 +5,9 @@ folder holds several series) are linked into a scratch folder and converted with
 (anonymised sidecars). BIDS input: the NIfTI + JSON pairs are copied. Names inside the session
 folder (``sub-<S>_ses-<V>_T1w.nii.gz``, ``_T2w``, ``_FLAIR``, and
 ``_acq-<series>_echo-<n>_MEGRE`` for multi-echo GRE magnitude) are what later steps read.
+Every converted image passes :func:`check_structure` (slice count, matrix, voxel size,
+NaN/empty images; :data:`MIN_SLICES`, :data:`MIN_MATRIX`, :data:`MAX_VOXEL_MM`), so a session
+that cannot be processed ends here with one line naming the series, its role and the reason.
 The session folder appears only when everything converted (atomic rename); its mode follows
 the umask. Messages name a series by its number and id (``series 3 (0003a1b2c3)``), never by
 its archive folder, whose name may identify the patient.
@@ -25,6 +28,69 @@ from .io import make_temp_dir, sidecar_path, write_json
 
 ROLE_SUFFIX = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR"}
 REQUIRED_ROLES = ("t1w", "t2w", "flair")
+ROLE_NAME = {**ROLE_SUFFIX, "megre": "multi-echo GRE"}
+
+# Structural minimums, checked on every converted image (:func:`check_structure`) so that a
+# session that cannot be processed fails at conversion, naming the series, its role and the
+# reason, instead of passing parameter checks and registration and failing late elsewhere.
+MIN_SLICES = 3
+"""Slices a weighted brain series (T1w, T2w, FLAIR; 2D or 3D) needs: fewer cannot be
+registered in 3D or bias-corrected, and no clinical brain protocol has fewer (a localiser or a
+single-slice test scan selected by mistake). Not applied to multi-echo GRE, whose fat/water
+fit works slice by slice."""
+MIN_MATRIX = 32
+"""Smallest in-plane matrix (both in-plane axes), any role: below it the image is a thumbnail,
+a secondary capture or a localiser, not a diagnostic series."""
+MAX_VOXEL_MM = 10.0
+"""Largest voxel edge (mm, any axis, any role). Voxel sizes must also be finite and positive:
+anything else is a broken header (a missing slice spacing, centimetres for millimetres)."""
+
+
+def check_structure(nifti: Path, role: str, ref: str) -> dict[str, Any]:
+    """Refuse a converted image that no later step can use, with a one-line
+    :class:`~qmriflow.errors.InputError` naming the series (``ref``) and its role: fewer than
+    :data:`MIN_SLICES` slices (T1w/T2w/FLAIR), an in-plane matrix below :data:`MIN_MATRIX`,
+    voxel sizes not finite, not positive or above :data:`MAX_VOXEL_MM`, any non-finite voxel
+    value (NaN, inf), or an empty (all zero) or constant image. Returns the image's shape and
+    voxel sizes (for the conversion summary)."""
+    import nibabel as nib
+    import numpy as np
+
+    what = ROLE_NAME.get(role, role)
+
+    def fail(reason: str) -> None:
+        raise InputError(f"{what}: {reason}", path=ref)
+
+    try:
+        img = nib.load(str(nifti))
+        shape = tuple(int(n) for n in img.shape)
+        zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    except Exception as exc:
+        raise InputError(f"{what}: converted image unreadable ({type(exc).__name__})",
+                         path=ref) from None
+    if len(shape) < 2:
+        fail(f"{len(shape)}-dimensional image")
+    slices = shape[2] if len(shape) >= 3 else 1
+    if role != "megre" and slices < MIN_SLICES:
+        fail(f"{slices} slice(s); a brain {what} series needs at least {MIN_SLICES}")
+    if min(shape[:2]) < MIN_MATRIX:
+        fail(f"in-plane matrix {shape[0]} x {shape[1]}; at least {MIN_MATRIX} x {MIN_MATRIX} "
+             f"needed")
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        fail(f"voxel size {' x '.join(f'{z:g}' for z in zooms)} mm is not finite and positive")
+    if max(zooms) > MAX_VOXEL_MM:
+        fail(f"voxel size {' x '.join(f'{z:g}' for z in zooms)} mm; at most {MAX_VOXEL_MM:g} "
+             f"mm per axis")
+    data = np.asanyarray(img.dataobj)
+    if data.dtype.kind in "fc":
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            fail(f"{bad} of {data.size} voxels are not finite numbers (NaN or inf)")
+    lo, hi = data.min(), data.max()
+    if lo == hi:
+        fail("empty image: every voxel is 0" if hi == 0
+             else f"constant image: every voxel is {float(hi):g}")
+    return {"shape": list(shape), "voxel_mm": [round(z, 6) for z in zooms]}
 
 
 def session_label(subject: str, session: str) -> str:
@@ -131,7 +197,8 @@ def _ingest_series(
             shutil.copyfile(p, dest / name)
             # sidecar with BIDS inheritance (metadata may live higher up the tree)
             write_json(sidecar_path(dest / name), bids_metadata(p, input_dir))
-            out.append({"role": role, "series_id": sid, "nifti": name})
+            out.append({"role": role, "series_id": sid, "nifti": name,
+                        **check_structure(dest / name, role, ref)})
         return out
 
     files = series_files(input_dir, row, salt)
@@ -158,7 +225,8 @@ def _ingest_series(
                                 else k)
             _move_pair(c, dest / name)
             out.append({"role": role, "series_id": sid, "nifti": name,
-                        "echo_time_s": c.metadata.get("EchoTime")})
+                        "echo_time_s": c.metadata.get("EchoTime"),
+                        **check_structure(dest / name, role, ref)})
         return out
 
 
