@@ -2,11 +2,13 @@
 # Thin rules: each calls one `qmriflow <step>`; the science lives in src/qmriflow.
 import os
 import shlex
+import sys
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
-from qmriflow.config import schema_path, validate_config
+from qmriflow.config import validate_config
+from qmriflow.errors import ConfigError
 
 min_version("9.0")
 
@@ -14,9 +16,13 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "workflow_config.yaml")
 
 
-# Snakemake's own validation (fills defaults), then ours for a message naming the key.
-validate(config, schema=str(schema_path()))
-config = validate_config(config)
+# The package's validation (fills defaults): a bad key stops the run with the same one-line
+# `config key …: …` message as `qmriflow validate-config`, not a schema dump.
+try:
+    config = validate_config(config)
+except ConfigError as _exc:
+    sys.stderr.write(f"qmriflow: {_exc}\n")
+    sys.exit(2)
 
 
 # `--cores -2` (or 0) would reach every rule as `threads: -2` and the provenance as such.
