@@ -129,7 +129,7 @@ rule train:
         config["containers"]["cuda"] if MODEL["train_gpu"] else CPU_IMAGE
     shell:
         f"qmriflow train {{params.pack:q}} {{params.outdir:q}} {TRAIN_FLAGS} "
-        "--threads {threads} --no-progress --provenance {params.prov:q} &> {log:q}"
+        "--threads {threads} --provenance {params.prov:q} &> {log:q}"
 
 
 rule infer:

@@ -489,3 +489,14 @@ def test_cli_pack_train_infer_and_errors(tiny_sessions, trained, tmp_path, capsy
                str(tmp_path / "maps4"), "--subject", sub, "--session", ses,
                "--contrasts", "T1w,PD"])
     assert rc == 1
+
+
+def test_training_writes_epoch_lines_to_a_log_and_no_bar(packed, tmp_path, capsys):
+    """Under Snakemake the trainer's output goes to a log file: one line per epoch there (the
+    rule no longer passes --no-progress), and no progress bar, which is for terminals only."""
+    train(packed, tmp_path / "m", TrainConfig(**{**CFG, "epochs": 2}), progress=True)
+    out, err = capsys.readouterr()
+    lines = [ln for ln in out.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert "batch/s" not in err and "it/s" not in err and "%|" not in err
+    assert "--no-progress" not in (Path(__file__).parents[1] / "rules" / "model.smk").read_text()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -352,7 +353,7 @@ def train(pack_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = N
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         bar = None
-        if progress:
+        if progress and sys.stderr.isatty():  # a bar on a terminal; logs get the epoch lines
             from tqdm import tqdm
 
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
@@ -406,8 +407,7 @@ def train(pack_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = N
         msg = (f"epoch {epoch + 1}/{cfg.epochs}: train {rec['train_loss']:.4f} "
                f"val {val['loss']:.4f}{' *' if improved else ''} "
                f"({rec['train_slices_per_s']:.1f} slices/s)")
-        if progress:
-            print(msg, flush=True)
+        print(msg, flush=True)  # one line per epoch, also into a rule's log
         if on_epoch is not None:
             on_epoch(rec)
         ran += 1
