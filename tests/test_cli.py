@@ -165,3 +165,19 @@ def test_cse_fit_threads_zero_keeps_its_auto_meaning():
                                    "--out-dir", "o", "--subject", "x", "--session", "y",
                                    "--threads", "3"])
     assert a.threads == 3
+
+
+def test_demo_says_where_its_reports_are(tmp_path):
+    from qmriflow.demo import finish_message
+
+    rep = tmp_path / "results" / "reports"
+    rep.mkdir(parents=True)
+    (rep / "cohort.html").write_text("<html></html>")
+    (rep / "sub-a_ses-b.html").write_text("<html></html>")
+    msg = finish_message(tmp_path, 0)
+    assert f"cohort report: {rep / 'cohort.html'}" in msg
+    assert f"1 session report(s), e.g. {rep / 'sub-a_ses-b.html'}" in msg
+    assert "failures.tsv" not in msg
+    (rep / "cohort.html").unlink()
+    assert f"failed sessions and their reasons: {tmp_path / 'results' / 'failures.tsv'}" in (
+        finish_message(tmp_path, 1))

@@ -49,7 +49,27 @@ def run_demo(out: Path, *, cores: int = 2, subjects: int = 3, sessions: int = 1)
            "--directory", str(out), "--configfile", str(cfg), "--cores", str(cores),
            "--keep-going", "--rerun-incomplete", "--printshellcmds"]
     print("[demo] " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=tool_env())
+    rc = subprocess.call(cmd, env=tool_env())
+    print(finish_message(out, rc), flush=True)
+    return rc
+
+
+def finish_message(out: Path, rc: int) -> str:
+    """Where to look after the demo: the cohort report and the session reports (or, after a
+    failure, the failure table)."""
+    results = Path(out) / "results"
+    cohort = results / "reports" / "cohort.html"
+    sessions = sorted((results / "reports").glob("sub-*.html"))
+    lines = [f"[demo] finished with exit status {rc}"]
+    if cohort.is_file():
+        lines.append(f"[demo] cohort report: {cohort}")
+    if sessions:
+        lines.append(f"[demo] {len(sessions)} session report(s), e.g. {sessions[0]}")
+    lines.append(f"[demo] maps and sidecars: {results}/sub-*/ses-*/anat/")
+    failures = results / "failures.tsv"
+    if rc != 0 or not cohort.is_file():
+        lines.append(f"[demo] failed sessions and their reasons: {failures}")
+    return "\n".join(lines)
 
 
 def tool_env() -> dict[str, str]:
