@@ -369,7 +369,8 @@ def test_skull_strip_csf_fill_plumbing(tmp_path, monkeypatch):
     fill = prov["parameters"]["csf_fill"]
     assert fill["added_voxels"] == int(((r > 25) & (r <= 30)).sum())
     assert fill["added_ml"] == pytest.approx(fill["added_voxels"] * 4.0 / 1000, abs=0.05)
-    assert json.loads(sidecar_path(out).read_text())["Sources"] == [str(t1p), str(t2p)]
+    # (outside any dataset: the sources by name, never this machine's paths; test_sidecars)
+    assert json.loads(sidecar_path(out).read_text())["Sources"] == [t1p.name, t2p.name]
     # without a T2w: the network's mask as it is
     out2 = tmp_path / "mask2.nii.gz"
     prov2 = skull_strip(t1p, out2, resample_mm=None, min_volume_ml=1.0, max_volume_ml=1e6)

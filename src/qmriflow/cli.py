@@ -436,7 +436,7 @@ def _segment(a: argparse.Namespace) -> int:
         for name, m in (("WM", wm), ("GM", gm)):
             save_nifti(f"{pre}_label-{name}_desc-eroded_mask.nii.gz", m, img.affine,
                        {"Description": f"{name} mask eroded where within {a.erode_mm} mm of CSF",
-                        "Sources": [str(outputs["dseg"])]}, dtype=np.uint8)
+                        "Sources": [Path(outputs["dseg"])]}, dtype=np.uint8)
         return {**info, "erode_mm": a.erode_mm}
 
     info = _with_session(label, run)
@@ -454,10 +454,13 @@ def _provmerge_args(p: argparse.ArgumentParser) -> None:
 @command("provenance", "merge a session's per-step provenance into one JSON")
 @arguments(_provmerge_args)
 def _provmerge(a: argparse.Namespace) -> int:
-    from .io import write_json
+    from .io import dataset_root_of, portable_paths, write_json
     from .provenance import merge_steps
 
-    write_json(a.out_json, merge_steps(a.steps, a.label))
+    # the session's provenance sits in the derivatives (shared): file references relative to
+    # the dataset, as in the sidecars; the per-step files in the work folder keep them as given
+    merged = merge_steps(a.steps, a.label)
+    write_json(a.out_json, portable_paths(merged, dataset_root_of(a.out_json), existing=True))
     return 0
 
 

@@ -113,6 +113,62 @@ def sidecar_path(nifti: str | Path) -> Path:
     return p.with_suffix(".json")
 
 
+# ---------------------------------------------------------------------------------------------
+# file references in shared derivatives
+# ---------------------------------------------------------------------------------------------
+
+BIDS_URI = "bids::"
+"""Prefix of a file reference inside the derivatives dataset (a BIDS URI of the current
+dataset: ``bids::sub-X/ses-Y/anat/sub-X_ses-Y_space-T2w_desc-brain_mask.nii.gz``)."""
+
+
+def dataset_root_of(path: str | Path) -> Path | None:
+    """The root of the BIDS (derivatives) dataset that holds ``path``: the parent of its
+    nearest ancestor folder named ``sub-<label>``, else the nearest ancestor holding a
+    ``dataset_description.json``; None when neither exists."""
+    p = Path(os.path.abspath(path))
+    for a in p.parents:
+        if a.name.startswith("sub-") and len(a.name) > 4:
+            return a.parent
+    for a in p.parents:
+        if (a / "dataset_description.json").is_file():
+            return a
+    return None
+
+
+def dataset_ref(path: str | Path, root: str | Path | None) -> str:
+    """How a shared derivative (a sidecar, the session's provenance) names a file.
+
+    Inside the dataset ``root``: a BIDS URI relative to the root, ``bids::sub-X/ses-Y/anat/
+    <name>`` (the same on every machine that holds a copy of the dataset). Outside it (a model
+    checkpoint elsewhere, the archive, the work folder): the file name alone, since the folder
+    is the machine's and may identify people or sites; where a checksum matters the writer
+    records it beside the name (``ModelCheckpointSHA256``). Never an absolute path."""
+    p = Path(os.path.abspath(path))
+    if root is not None:
+        r = Path(os.path.abspath(root))
+        if p == r or r in p.parents:
+            return BIDS_URI + (p.relative_to(r).as_posix() if p != r else "")
+    return p.name
+
+
+def portable_paths(obj: Any, root: str | Path | None, *, existing: bool = False) -> Any:
+    """``obj`` (JSON-like) with every file reference made :func:`dataset_ref`: each
+    :class:`~pathlib.Path` value and each string that is an absolute path; with ``existing``
+    also each string holding a ``/`` that names an existing file or folder relative to the
+    current folder (paths as a workflow rule received them)."""
+    if isinstance(obj, Mapping):
+        return {k: portable_paths(v, root, existing=existing) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [portable_paths(v, root, existing=existing) for v in obj]
+    if isinstance(obj, Path):
+        return dataset_ref(obj, root)
+    if isinstance(obj, str) and obj and "\n" not in obj and (
+            os.path.isabs(obj) or (existing and "/" in obj and os.path.exists(obj))):
+        return dataset_ref(obj, root)
+    return obj
+
+
 def save_nifti(
     path: str | Path,
     data: np.ndarray,
@@ -120,7 +176,11 @@ def save_nifti(
     sidecar: Mapping[str, Any] | None = None,
     dtype: Any = np.float32,
 ) -> Path:
-    """Save an array as NIfTI (sform = qform = ``affine``, RAS mm) plus optional JSON sidecar."""
+    """Save an array as NIfTI (sform = qform = ``affine``, RAS mm) plus optional JSON sidecar.
+
+    The sidecar is a shared derivative: its file references (``Path`` values, absolute path
+    strings) are written relative to the dataset that holds ``path`` (:func:`portable_paths`,
+    :func:`dataset_ref`), never as the absolute paths of the machine that ran the step."""
     import nibabel as nib
 
     arr = np.asarray(data, dtype=dtype)
@@ -131,5 +191,5 @@ def save_nifti(
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
     if sidecar is not None:
-        write_json(sidecar_path(path), sidecar)
+        write_json(sidecar_path(path), portable_paths(sidecar, dataset_root_of(path)))
     return Path(path)

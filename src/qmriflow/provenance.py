@@ -1,4 +1,13 @@
-"""Provenance: what ran, with which backend, version and parameters — per step and session."""
+"""Provenance: what ran, with which backend, version and parameters — per step and session.
+
+Where paths go: the per-step files (:func:`write_step`, under the work folder's
+``provenance/``) are operator logs, not shared derivatives, and keep the paths as the step
+received them (absolute paths of the machine that ran it). The session's merged provenance
+(``qmriflow provenance``, ``sub-X/ses-Y/<label>_desc-provenance.json`` in the derivatives)
+and every NIfTI sidecar are shared: their file references are relative to the dataset
+(``bids::sub-X/...``) or, for files outside it, the file name alone
+(:func:`qmriflow.io.dataset_ref`).
+"""
 
 from __future__ import annotations
 

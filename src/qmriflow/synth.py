@@ -58,7 +58,7 @@ def synthesise_files(
         "Description": "synthetic weighted image from quantitative maps (qmriflow.physics)",
         "Units": "arbitrary (PD units)",
         "Protocol": protocol.as_dict(),
-        "Sources": [str(t1), str(t2), str(pd)],
+        "Sources": [Path(t1), Path(t2), Path(pd)],  # relative to the dataset (save_nifti)
         "NonFiniteInputVoxels": int(bad.sum()),
         "GeneratedBy": {"Name": "qmriflow synth", "Version": __version__},
     })

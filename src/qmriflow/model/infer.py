@@ -342,23 +342,25 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     maps, sds, pinning = _estimate(estimator, maps, sd, calib, contrasts, seg, smoothing)
     t_est = time.perf_counter() - t1 - (t_net or 0.0)
     files = sd.files
+    # file references are Paths: save_nifti writes them relative to the dataset
+    # (io.dataset_ref: bids::sub-X/..., or the name alone for a checkpoint outside it)
     common = {
-        "Sources": [str(files.images[c]) for c in contrasts] + [str(files.brain_mask),
-                                                                str(files.params)],
+        "Sources": [Path(files.images[c]) for c in contrasts] + [Path(files.brain_mask),
+                                                                 Path(files.params)],
         "InputContrasts": list(contrasts),
-        "ModelCheckpoint": None if net is None else str(net.meta["path"]),
+        "ModelCheckpoint": None if net is None else Path(net.meta["path"]),
         "ModelCheckpointSHA256": None if net is None else net.meta["sha256"],
         "ModelWidth": None if net is None else net.meta["width"],
         "ModelEpoch": None if net is None else net.meta.get("epoch"),
         "Normalisation": {"method": "histogram mode of the head (512 bins, percentile window)",
                           "modes": {c: sd.modes[c] for c in contrasts}},
-        "MaskedBy": str(files.brain_mask) if masked else None,
+        "MaskedBy": Path(files.brain_mask) if masked else None,
         "Precision": None if net is None else net.precision,
         "Device": None if net is None else str(net.device),
         "Estimator": _estimator_record(estimator, calibrated),
         "SignalModels": signal_models(sd.protocols, need, files.params),
         "Scaling": {"method": method, **({"calibration": calib.as_dict(), "pinning": pinning,
-                                           "Segmentation": str(files.dseg)} if calib else {})},
+                                           "Segmentation": Path(files.dseg)} if calib else {})},
         "GeneratedBy": {"Name": "qmriflow", "Version": __version__},
     }
     paths = map_paths(out_dir, sd.label)
@@ -370,7 +372,7 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     brain = sd.brain
     return {
         "session": sd.label, "contrasts": list(contrasts), "estimator": estimator,
-        "checkpoint": common["ModelCheckpoint"], "checkpoint_sha256":
+        "checkpoint": None if net is None else str(net.meta["path"]), "checkpoint_sha256":
             common["ModelCheckpointSHA256"], "precision": common["Precision"],
         "device": common["Device"], "n_slices": int(maps.shape[0]), "outputs": written,
         "brain_median": {k: float(np.median(maps[:, ch][brain])) if brain.any() else None

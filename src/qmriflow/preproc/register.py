@@ -808,7 +808,8 @@ def register_session(t2w: Path, t1w: Path, flair: Path, outputs: Mapping[str, Pa
             info = _register_arrays(resampled["T2w"], grid.affine, grid_mask, arr, img.affine,
                                     masks[name], xfm[name], seed=seed, settings=st,
                                     moving_path=paths[name])
-            info.update({"fixed": f"{t2w} (on the analysis grid)", "moving": str(paths[name]),
+            info.update({"fixed": str(t2w), "fixed_grid": "the analysis grid",
+                         "moving": str(paths[name]),
                          "seconds": round(time.perf_counter() - t0, 3)})
             reg[name] = info
             timing[f"register_{name}"] = info["seconds"]

@@ -67,10 +67,14 @@ from ..errors import ConfigError, InputError, ToolError
 from .skullstrip import MAX_BRAIN_ML, MIN_BRAIN_ML, Volume, load_volume, package_version
 from .skullstrip import write_outputs as _write_outputs
 
-__all__ = ["CLASS_LABELS", "OUTPUT_KEYS", "SEG_BACKENDS", "erode_near_csf", "segment"]
+__all__ = ["CLASS_LABELS", "DSEG_LABELS", "OUTPUT_KEYS", "SEG_BACKENDS", "erode_near_csf",
+           "segment"]
 
 SEG_BACKENDS = ("atropos", "fast")
 CLASS_LABELS = {"GM": 1, "WM": 2, "CSF": 3}
+#: The label table of ``_dseg.nii.gz`` (its sidecar's ``Labels``): value -> tissue.
+DSEG_LABELS = {"0": "outside brain mask", **{str(v): k for k, v in CLASS_LABELS.items()}}
+_TISSUE_NAMES = {"GM": "grey matter", "WM": "white matter", "CSF": "cerebrospinal fluid"}
 OUTPUT_KEYS = ("dseg", "probseg_GM", "probseg_WM", "probseg_CSF")
 
 # Settings chosen on the phantom (tests/test_segment.py, bench/bench_skullstrip_segment.py).
@@ -572,12 +576,31 @@ def segment(
     prov["timing_s"] = {"load": round(t_loaded - t_start, 3),
                         "segmentation": round(dt_seg, 3),
                         "partial_volume": round(dt_pv, 3)}
-    dseg_side = {"GeneratedBy": prov, "Sources": [str(t1.path), str(mvol.path)],
-                 "Labels": {"0": "outside brain mask", "1": "GM", "2": "WM", "3": "CSF"}}
+    sources = [Path(t1.path), Path(mvol.path)]  # written relative to the dataset (save_nifti)
+    dseg_side = {
+        "Description": "hard tissue segmentation of the brain (BIDS discrete segmentation): "
+                       "one label per voxel, 0 outside the brain mask",
+        "Units": "label",
+        "Labels": DSEG_LABELS,
+        "LabelDescriptions": {k: _TISSUE_NAMES.get(v, v) for k, v in DSEG_LABELS.items()},
+        "Sources": sources,
+        "GeneratedBy": _sidecar_provenance(prov),
+    }
     items = [(Path(outputs["dseg"]), dseg, t1.affine, dseg_side, np.uint8)]
     for name in ("GM", "WM", "CSF"):
         items.append((Path(outputs[f"probseg_{name}"]), prob[name], t1.affine,
-                      {"Label": name, "Sources": [str(t1.path), str(mvol.path)]}, np.float32))
+                      {"Label": name, "Units": "fraction (0-1)",
+                       "Description": f"{name} {prov['parameters']['probseg']}",
+                       "Sources": sources}, np.float32))
     _write_outputs(items)
     prov["timing_s"]["total"] = round(time.perf_counter() - t_start, 3)
     return prov
+
+
+def _sidecar_provenance(prov: dict[str, Any]) -> dict[str, Any]:
+    """The step's provenance as the dseg sidecar carries it: input files as ``Path`` (written
+    relative to the dataset by ``save_nifti``), no FSL installation folder. The step's own
+    provenance file (work folder, an operator log) keeps the paths as given."""
+    out = {k: v for k, v in prov.items() if k != "fsl_dir"}
+    out["inputs"] = {k: Path(v) for k, v in prov["inputs"].items()}
+    return out

@@ -648,8 +648,12 @@ def skull_strip(
     prov["timing_s"] = {"load": round(t_loaded - t_start, 3),
                         "inference": round(t_net - t_loaded, 3),
                         "total": round(time.perf_counter() - t_start, 3)}
-    sources = [str(t1w)] + ([str(t2w)] if t2_vol is not None else [])
-    sidecar = {"Type": "Brain", "Sources": sources, "GeneratedBy": prov}
+    # file references as Paths: save_nifti writes them relative to the dataset (the step's
+    # own provenance file, in the work folder, keeps them as given)
+    sources = [Path(t1w)] + ([Path(t2w)] if t2_vol is not None and t2w is not None else [])
+    sidecar = {"Type": "Brain", "Description": "brain mask (1 inside the brain)",
+               "Units": "label", "Sources": sources,
+               "GeneratedBy": {**prov, "input": Path(t1w), "output": Path(out_mask)}}
     write_outputs([(out_mask, mask.astype(np.uint8), vol.affine, sidecar, np.uint8)])
     prov["timing_s"]["total"] = round(time.perf_counter() - t_start, 3)
     return prov
