@@ -222,6 +222,16 @@ def test_training_lowers_the_loss(trained, packed):
     assert best["val_loss"] == pytest.approx(min(h["val_loss"] for h in hist))
 
 
+def test_model_folder_json_holds_no_path_of_this_machine(trained, packed):
+    """hyperparameters.json sits with the maps (derivatives/model): the pack, in the work
+    folder, is named, not located (issue 24 finding 8)."""
+    out, summary = trained
+    hp = json.loads((out / "hyperparameters.json").read_text())
+    assert hp["pack_dir"] == packed.name
+    assert str(packed.parent) not in (out / "hyperparameters.json").read_text()
+    assert str(summary["pack_dir"]) == str(packed)  # the step's own record keeps it
+
+
 def test_interrupted_training_resumes_exactly(trained, packed, tmp_path):
     ref_out, _ = trained
     out = tmp_path / "resumed"

@@ -159,3 +159,34 @@ def test_save_nifti_outside_any_dataset_writes_names(tmp_path):
                      {"Sources": [tmp_path / "a" / "b.nii.gz"], "Note": "1/s"})
     side = json.loads(out.with_name("loose.json").read_text())
     assert side == {"Sources": ["b.nii.gz"], "Note": "1/s"}
+
+
+def test_reproducibility_json_holds_no_path_of_this_machine(tmp_path, monkeypatch):
+    """group/reproducibility.json (shared, beside the maps) records each pair's registration:
+    its images by BIDS URI, the transform in the work folder by name."""
+    from qmriflow.stats import pipeline as sp
+    from qmriflow.stats.repro import PairResult
+
+    root = tmp_path / "results"
+    dirs = [root / "sub-A" / f"ses-{v}" for v in ("V01", "V02")]
+    for d in dirs:
+        (d / "anat").mkdir(parents=True)
+
+    def t2w(f) -> Path:
+        return f.root / "anat" / f"sub-A_ses-{f.session}_space-T2w_desc-preproc_T2w.nii.gz"
+
+    def fake_pair(first, later, **kw):
+        return PairResult(subject="A", first=first.session, later=later.session, rows=[],
+                          registration={"fixed": str(t2w(first)), "moving": str(t2w(later)),
+                                        "transform_file": str(tmp_path / "work" / "x.mat"),
+                                        "rotation_deg": 1.5},
+                          values={})
+
+    monkeypatch.setattr(sp, "pair_reproducibility", fake_pair)
+    monkeypatch.setattr(sp.figures, "repro_png", lambda *a, **k: b"\x89PNG")
+    meta = sp.run_repro(dirs, root / "group")
+    assert meta["registration"][0]["transform_file"] == str(tmp_path / "work" / "x.mat")
+    reg = json.loads((root / "group" / "reproducibility.json").read_text())["registration"][0]
+    assert reg["fixed"] == ("bids::sub-A/ses-V01/anat/"
+                            "sub-A_ses-V01_space-T2w_desc-preproc_T2w.nii.gz")
+    assert reg["transform_file"] == "x.mat" and reg["rotation_deg"] == 1.5

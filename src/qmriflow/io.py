@@ -124,14 +124,16 @@ dataset: ``bids::sub-X/ses-Y/anat/sub-X_ses-Y_space-T2w_desc-brain_mask.nii.gz``
 
 def dataset_root_of(path: str | Path) -> Path | None:
     """The root of the BIDS (derivatives) dataset that holds ``path``: the parent of its
-    nearest ancestor folder named ``sub-<label>``, else the nearest ancestor holding a
-    ``dataset_description.json``; None when neither exists."""
+    nearest ancestor folder named ``sub-<label>``; else (a dataset-level file such as
+    ``group/cohort.json`` or ``model/hyperparameters.json``) the nearest ancestor holding a
+    ``dataset_description.json`` or a ``sub-<label>`` folder; None when there is none."""
     p = Path(os.path.abspath(path))
     for a in p.parents:
         if a.name.startswith("sub-") and len(a.name) > 4:
             return a.parent
     for a in p.parents:
-        if (a / "dataset_description.json").is_file():
+        if (a / "dataset_description.json").is_file() or any(
+                c.is_dir() for c in a.glob("sub-?*")):
             return a
     return None
 

@@ -40,7 +40,7 @@ import torch
 
 from .. import __version__
 from ..errors import ConfigError, InputError
-from ..io import atomic_path, write_json
+from ..io import atomic_path, dataset_root_of, portable_paths, write_json
 from .calibration import DEFAULT_METHOD, METHODS
 from .checkpoint import FORMAT, load_checkpoint_file, save_checkpoint
 from .data import PackedSlices, contrast_dropout, split_subjects
@@ -328,7 +328,7 @@ def train(pack_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = N
     meta = {
         "qmriflow_version": __version__, "torch_version": torch.__version__,
         "hyperparameters": hp, "epochs": cfg.epochs, "device": str(dev), "precision": precision,
-        "parameters": n_params, "pack_dir": str(pack_dir), "pack_fingerprint": fingerprint,
+        "parameters": n_params, "pack_dir": Path(pack_dir), "pack_fingerprint": fingerprint,
         "n_slices": {"train": int(train_idx.size), "val": int(val_idx.size),
                      "val_is_train_sample": val_on_train},
         "n_subjects": {k: sum(1 for v in split.values() if v == k)
@@ -336,7 +336,10 @@ def train(pack_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = N
         "steps_per_epoch": steps, "optimizer": "Adam(betas=(0.9, 0.999))",
         "loss": "L1 (head) + lambda_tv*TV + lambda_pd*mean(max(0, pd_threshold - PD))",
     }
-    write_json(out / "hyperparameters.json", meta)
+    # the model folder is shared with the maps: file references relative to the dataset, or
+    # the name alone for the pack in the work folder (io.dataset_ref)
+    write_json(out / "hyperparameters.json",
+               portable_paths(meta, dataset_root_of(out / "hyperparameters.json")))
     write_json(out / "split.json", {"seed": cfg.seed, "fractions": list(cfg.split),
                                     "subjects": split})
     weights = cfg.loss_weights()
@@ -415,8 +418,9 @@ def train(pack_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = N
     best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history else None
     summary = {**meta, "history": history, "best_val_loss": best, "best_epoch": best_epoch,
                "finished": done}
-    write_json(out / "hyperparameters.json", {k: v for k, v in summary.items()
-                                              if k != "history"})
+    write_json(out / "hyperparameters.json", portable_paths(
+        {k: v for k, v in summary.items() if k != "history"},
+        dataset_root_of(out / "hyperparameters.json")))
     return summary
 
 

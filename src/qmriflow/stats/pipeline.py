@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..io import atomic_path, write_json
+from ..io import atomic_path, dataset_root_of, portable_paths, write_json
 from . import figures
 from .cohort import (
     CLUSTER_FEATURES,
@@ -120,7 +120,8 @@ def run_cohort(tsvs: Sequence[str | Path], out_dir: str | Path, *, k: int = 9,
             "n_distinct_protocols": int(res.n_distinct) if res else 0,
             "cluster_features": list(CLUSTER_FEATURES), "zscore": "population SD",
             "linkage": "Ward", "cv_ddof": ddof, "warnings": warnings}
-    write_json(out / "cohort.json", meta)
+    # a shared derivative: file references relative to the dataset (io.dataset_ref)
+    write_json(out / "cohort.json", portable_paths(meta, dataset_root_of(out / "cohort.json")))
     return meta
 
 
@@ -158,5 +159,8 @@ def run_repro(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
     meta = {"n_pairs": len(pairs), "mask": "first session dseg WM+GM (labels 1, 2) ∩ brain "
             "masks of both sessions", "relative_difference": "mean |later - first| / "
             "((first + later) / 2)", "registration": regs, "warnings": warnings}
-    write_json(out / "reproducibility.json", meta)
+    # a shared derivative: the registrations' image and transform paths relative to the
+    # dataset (io.dataset_ref); the returned provenance (work folder) keeps them as given
+    write_json(out / "reproducibility.json",
+               portable_paths(meta, dataset_root_of(out / "reproducibility.json")))
     return meta
