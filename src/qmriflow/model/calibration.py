@@ -601,6 +601,12 @@ def anchor_free_directions(maps: np.ndarray, mask: np.ndarray,
     return out.astype(maps.dtype), info
 
 
+REFINE_STATUS = {0: "not refined (outside the mask, or a start map not positive)",
+                 1: "converged (last accepted step below the tolerance)",
+                 2: "stopped at the iteration limit (still moving)",
+                 3: "stalled (no step lowered the cost at the largest damping)"}
+"""Per-voxel status codes of :func:`refine_maps` (``status_map`` of its summary)."""
+
 RESTART_CHI = 3.0
 """A voxel whose data misfit after :func:`refine_maps` exceeds this many noise SDs (RMS over
 the contrasts) is restarted from the ``starts`` given (the calibration's tissue values)."""
@@ -645,12 +651,15 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
     the threshold and the CSF-like one does not fit the data better by more than
     :data:`BRANCH_CHI2`: the data choose where they can, the segmentation where they cannot
     (seed 004's restricted sub-spaces, chosen by likelihood). Returns the refined maps and a
-    summary.
+    summary; its ``status_map`` (``mask``'s shape, uint8) holds every voxel's
+    :data:`REFINE_STATUS` (the status of the descent whose result it kept) and
+    ``status_counts`` the counts (pop the map before writing the summary as JSON).
     """
     out = np.array(maps, dtype=np.float64, copy=True)
     sel = mask.astype(bool) & np.all(out > 0, axis=-1)
     if not sel.any():
-        return out.astype(maps.dtype), {"voxels": 0}
+        return out.astype(maps.dtype), {"voxels": 0, "status_counts": {},
+                                        "status_map": np.zeros(sel.shape, dtype=np.uint8)}
     x0 = _to_log(out[sel])
     r = np.asarray(images, dtype=np.float64)[sel]
     sc = np.asarray(scales, dtype=np.float64)[None, :]
@@ -670,17 +679,18 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
         return misfit(logs, idx) + ((w * (xv - prior)) ** 2).sum(1), logs
 
     def descend(x: np.ndarray, rows: np.ndarray, prior: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
         """LM from ``x`` (len(rows), 3) for the voxels ``rows``, whose log-priors are
-        ``prior`` (len(rows), 3): (x, cost, log-signals at x, steps, voxels still moving)."""
+        ``prior`` (len(rows), 3): (x, cost, log-signals at x, steps, per-voxel status
+        (:data:`REFINE_STATUS`: 1 converged, 2 still moving, 3 stalled))."""
         lam = np.full(x.shape[0], 1e-3)
         c_now, logf_now = cost(x, rows, prior)
-        active = np.ones(x.shape[0], dtype=bool)
+        state = np.full(x.shape[0], 2, dtype=np.uint8)
         steps = 0
         for _ in range(iterations):
             # only voxels still moving: an accepted step below `tol` (or a hopeless damping)
             # retires a voxel, which leaves its result unchanged to within `tol`
-            idx = np.flatnonzero(active)
+            idx = np.flatnonzero(state == 2)
             if idx.size == 0:
                 break
             steps += 1
@@ -704,12 +714,13 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
             c_now[acc] = c_new[ok]
             la = np.where(ok, la * 0.3, la * 10.0)
             lam[idx] = la
-            done = (ok & (np.abs(cand - xa).max(axis=1) < tol)) | (la > 1e10)
-            active[idx[done]] = False
-        return x, c_now, logf_now, steps, int(active.sum())
+            state[idx[ok & (np.abs(cand - xa).max(axis=1) < tol)]] = 1
+            state[idx[(la > 1e10) & (state[idx] == 2)]] = 3
+        return x, c_now, logf_now, steps, state
 
     everyone = np.arange(x0.shape[0])
-    x, c_best, logf, steps, moving = descend(x0.copy(), everyone, x0)
+    x, c_best, logf, steps, state = descend(x0.copy(), everyone, x0)
+    moving = int((state == 2).sum())
     restarted = 0
     won = np.zeros(x0.shape[0], dtype=bool)
     if len(starts):
@@ -720,10 +731,11 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
                 break
             start = np.clip(np.log(np.asarray(st, np.float64)), _LOG_LO, _LOG_HI)
             xs = np.broadcast_to(start, (rows.size, 3)).copy()
-            xs, cs, _, _, _ = descend(xs, rows, x0[rows])
+            xs, cs, _, _, st_s = descend(xs, rows, x0[rows])
             better = cs < c_best[rows]
             won[rows[better]] = True
             x[rows[better]] = xs[better]
+            state[rows[better]] = st_s[better]
             c_best[rows[better]] = cs[better]
     branch = {"checked": 0, "switched": 0}
     branch_t2 = csf_branch_t2(tissues) if dseg is not None and tissues is not None else None
@@ -739,15 +751,20 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
         branch["checked"] = int(rows.size)
         if rows.size:
             xt = np.clip(np.log(ts), _LOG_LO, _LOG_HI)
-            xs, _, logs, _, _ = descend(xt.copy(), rows, xt)
+            xs, _, logs, _, st_b = descend(xt.copy(), rows, xt)
             chi_csf = misfit(_log_signals(protocols, x[rows]), rows)
             take = ((misfit(logs, rows) <= chi_csf + BRANCH_CHI2)
                     & (xs[:, 2] < np.log(branch_t2)))
             x[rows[take]] = xs[take]
+            state[rows[take]] = st_b[take]
             branch["switched"] = int(take.sum())
     out[sel] = np.exp(x)
     moved = np.abs(x - x0).max(axis=1)
+    status = np.zeros(sel.shape, dtype=np.uint8)
+    status[sel] = state
+    counts = {REFINE_STATUS[k].split(" (")[0]: int((state == k).sum()) for k in (1, 2, 3)}
     return out.astype(maps.dtype), {"voxels": int(sel.sum()),
+                                    "status_counts": counts, "status_map": status,
                                     "median_log_change": float(np.median(moved)),
                                     "noise": noise, "prior_log_sd": prior_log_sd,
                                     "iterations": steps,

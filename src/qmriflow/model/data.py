@@ -196,14 +196,17 @@ class SessionData:
 
 def load_session(session_dir: str | Path, subject: str | None = None,
                  session: str | None = None, contrasts: Sequence[str] = CONTRASTS,
-                 keep_raw: bool = False, head_from: Sequence[str] | None = None
-                 ) -> SessionData:
+                 keep_raw: bool = False, head_from: Sequence[str] | None = None,
+                 files: SessionFiles | None = None) -> SessionData:
     """Read, check and mode-normalise one preprocessed session.
 
     The head mask comes from the T2w when it is among ``head_from`` (default: ``contrasts``;
-    the T2w is the grid's reference), otherwise from the first of them.
+    the T2w is the grid's reference), otherwise from the first of them. ``files``: the
+    session's files when they are not laid out as a session folder (``session_dir`` is then
+    ignored).
     """
-    files = session_files(session_dir, subject, session)
+    if files is None:
+        files = session_files(session_dir, subject, session)
     label = files.label
     contrasts = tuple(contrasts)
     if not contrasts or any(c not in CONTRASTS for c in contrasts) or \

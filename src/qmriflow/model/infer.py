@@ -40,6 +40,7 @@ used and the input files.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from .calibration import (
     ESTIMATORS,
     METHODS,
     PARAMS,
+    REFINE_STATUS,
     TISSUES,
     Smoothing,
     anchor_free_directions,
@@ -71,6 +73,7 @@ from .calibration import (
 from .checkpoint import load_model
 from .data import (
     ROLE,
+    SessionFiles,
     load_session,
     session_calibration,
     session_files,
@@ -79,21 +82,24 @@ from .data import (
 )
 from .losses import mono_exponential
 from .normalise import CONTRASTS
-from .train import resolve_device, resolve_precision
+from .published import SeedInputs, seed_inputs
+from .train import _cpu_has_bf16, resolve_device, resolve_precision
 
-__all__ = ["ESTIMATORS", "infer_session", "map_paths", "predict_maps", "resynthesise"]
+__all__ = ["ESTIMATORS", "PUBLISHED_CHECKPOINT_NAMES", "infer_session", "map_paths",
+           "predict_maps", "resolve_checkpoint", "resynthesise"]
 
 MAP_UNITS = {"T1map": "s", "T2map": "s", "PDmap": "arbitrary"}
 
 
 def map_paths(out_dir: str | Path, label: str) -> dict[str, Path]:
-    """Output paths of one session (keys: T1map, T2map, PDmap, sd_<map>, synth_<c>,
-    synthdiff_<c>)."""
+    """Output paths of one session (keys: T1map, T2map, PDmap, sd_<map>, refine_status,
+    synth_<c>, synthdiff_<c>)."""
     d = Path(out_dir)
     pre = f"{label}_space-T2w"
     paths = {m: d / f"{pre}_{m}.nii.gz" for m in MAP_UNITS}
     for m in MAP_UNITS:
         paths[f"sd_{m}"] = d / f"{pre}_desc-uncertainty_{m}.nii.gz"
+    paths["refine_status"] = d / f"{pre}_desc-refinestatus_dseg.nii.gz"
     for c in CONTRASTS:
         paths[f"synth_{c}"] = d / f"{pre}_desc-synth_{c}.nii.gz"
         paths[f"synthdiff_{c}"] = d / f"{pre}_desc-synthdiff_{c}.nii.gz"
@@ -109,10 +115,11 @@ def channels_last_pays(device: torch.device, precision: str) -> bool:
 
 def predict_maps(model: torch.nn.Module, images: np.ndarray, *, device: torch.device,
                  precision: str = "fp32", batch_size: int = 4,
-                 mask: np.ndarray | None = None) -> np.ndarray:
+                 mask: np.ndarray | None = None,
+                 progress: Any = None) -> np.ndarray:
     """Run the network slice-wise. ``images`` (S, N, H, W) normalised contrasts → (S, 3, H, W)
     float32 (PD, T1 s, T2 s), zero-padded to multiples of 8 and cropped back; multiplied by
-    ``mask`` (S, H, W) if given."""
+    ``mask`` (S, H, W) if given. ``progress(done, total)`` is called after every batch."""
     s, _n, h, w = images.shape
     ph, pw = (-h) % 8, (-w) % 8
     out = np.empty((s, 3, h, w), dtype=np.float32)
@@ -127,6 +134,8 @@ def predict_maps(model: torch.nn.Module, images: np.ndarray, *, device: torch.de
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 y = model(x)
             out[i:i + batch_size] = y.float()[..., :h, :w].cpu().numpy()
+            if progress is not None:
+                progress(min(i + batch_size, s), s)
     if mask is not None:
         out *= mask[:, None].astype(np.float32)
     return out
@@ -182,6 +191,32 @@ def resynthesise(maps: np.ndarray, protocol: physics.Protocol, normalised: np.nd
     return (a * synth).astype(np.float32), a / ref
 
 
+PUBLISHED_CHECKPOINT_NAMES = ("latest_net_G.pth", "best_net_G.pth")
+"""File names of the published weights (``<epoch>_net_G.pth`` in the model's folder, the
+published test script loading ``latest``): a folder given as the checkpoint is searched for
+these, then for a single ``*_net_G.pth``, then for qmriflow's ``model.pt``."""
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The weights file of ``checkpoint``: the file itself, or in a folder (the published
+    model folder or a qmriflow model folder) the file :data:`PUBLISHED_CHECKPOINT_NAMES`
+    names, a single ``*_net_G.pth`` or ``model.pt``. A folder without one is an InputError
+    (never random weights)."""
+    p = Path(checkpoint)
+    if not p.is_dir():
+        return p
+    for name in (*PUBLISHED_CHECKPOINT_NAMES, "model.pt"):
+        if (p / name).is_file():
+            return p / name
+    found = sorted(p.glob("*_net_G.pth"))
+    if len(found) == 1:
+        return found[0]
+    raise InputError("no model weights in this folder (expected latest_net_G.pth, "
+                     "best_net_G.pth, one *_net_G.pth or model.pt)"
+                     + (f"; {len(found)} *_net_G.pth files: name one" if found else ""),
+                     path=p)
+
+
 @dataclass(frozen=True)
 class _Network:
     """A loaded network and where and how it runs."""
@@ -190,6 +225,17 @@ class _Network:
     meta: dict[str, Any]
     device: torch.device
     precision: str
+    precision_choice: str = ""
+
+
+def _precision_choice(requested: str, device: torch.device, chosen: str) -> str:
+    """Why the network runs at ``chosen`` precision (for the log line and the sidecars)."""
+    if requested != "auto":
+        return f"{chosen} (requested)"
+    if device.type == "cuda":
+        return f"{chosen} (auto: CUDA)"
+    return (f"{chosen} (auto: this CPU has native bf16)" if chosen == "bf16" and _cpu_has_bf16()
+            else f"{chosen} (auto: no native bf16 on this CPU)")
 
 
 def _load_network(checkpoint: str | Path | None, device: str, precision: str,
@@ -200,9 +246,38 @@ def _load_network(checkpoint: str | Path | None, device: str, precision: str,
                           "'network-free' runs without one)")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev, inference=True)
-    model, meta = load_model(checkpoint, dev)
+    model, meta = load_model(resolve_checkpoint(checkpoint), dev)
     model.use_channels_last(channels_last_pays(dev, prec))
-    return _Network(model, meta, dev, prec)
+    return _Network(model, meta, dev, prec, _precision_choice(precision, dev, prec))
+
+
+class _Progress:
+    """Progress lines on stderr for sessions that take longer than ``after_s``: a line per
+    stage and, during the network, at most one every ``every_s`` seconds."""
+
+    def __init__(self, label: str, enabled: bool = True, after_s: float = 3.0,
+                 every_s: float = 5.0) -> None:
+        self.label, self.enabled = label, enabled
+        self.after_s, self.every_s = after_s, every_s
+        self.t0 = time.perf_counter()
+        self.last = -1e9
+
+    def _emit(self, text: str) -> None:
+        print(f"{self.label}: {text} ({time.perf_counter() - self.t0:.0f} s)",
+              file=sys.stderr, flush=True)
+
+    def stage(self, text: str) -> None:
+        now = time.perf_counter()
+        if self.enabled and now - self.t0 >= self.after_s:
+            self._emit(text)
+            self.last = now
+
+    def slices(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if (self.enabled and now - self.t0 >= self.after_s and now - self.last >= self.every_s
+                and done < total):
+            self._emit(f"network {done}/{total} slices")
+            self.last = now
 
 
 def _scaling_method(estimator: str, scaling: str | None, net: _Network | None,
@@ -234,13 +309,31 @@ def _estimator_record(estimator: str, calibrated: bool) -> dict[str, str]:
 
 
 def _network_maps(net: _Network, sd: Any, sel: Sequence[int], masked: bool,
-                  batch_size: int) -> np.ndarray:
+                  batch_size: int, seed: SeedInputs | None = None,
+                  progress: _Progress | None = None) -> np.ndarray:
     """The network's maps (S, 3, H, W) float32 (PD, T1 s, T2 s) from the inputs ``sel`` of the
-    loaded session ``sd``, times its brain mask if ``masked``."""
+    loaded session ``sd``, times its brain mask if ``masked``. With ``seed`` (the published
+    input path, :func:`~qmriflow.model.published.seed_inputs`) the network sees its inputs and
+    the maps come back onto the input grid. Otherwise, with ``masked``, slices without brain
+    are not run (their maps are zero either way; the network is slice-wise, so the others do
+    not change)."""
+    report = None if progress is None else progress.slices
     try:
-        maps = predict_maps(net.model, sd.images[:, list(sel)], device=net.device,
-                            precision=net.precision, batch_size=batch_size,
-                            mask=sd.brain if masked else None)
+        if seed is not None:
+            out = predict_maps(net.model, seed.images, device=net.device,
+                               precision=net.precision, batch_size=batch_size,
+                               mask=seed.mask if masked else None, progress=report)
+            maps = seed.to_input_grid(out)
+        else:
+            run = (np.flatnonzero(sd.brain.any(axis=(1, 2))) if masked
+                   else np.arange(sd.images.shape[0]))
+            maps = np.zeros((sd.images.shape[0], 3, *sd.images.shape[2:]), np.float32)
+            if run.size:
+                maps[run] = predict_maps(net.model, sd.images[run][:, list(sel)],
+                                         device=net.device, precision=net.precision,
+                                         batch_size=batch_size,
+                                         mask=sd.brain[run] if masked else None,
+                                         progress=report)
     except RuntimeError as exc:
         raise InputError(f"inference failed: {' '.join(str(exc).split())[:200]}",
                          session=sd.label) from None
@@ -278,7 +371,8 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
                   scale_bound: float = 0.2, scaling: str | None = None,
                   smoothing: Smoothing = DEFAULT_SMOOTHING,
                   estimator: str = DEFAULT_ESTIMATOR,
-                  clusters: str | Path | None = None) -> dict[str, Any]:
+                  clusters: str | Path | None = None, files: SessionFiles | None = None,
+                  progress: bool = True) -> dict[str, Any]:
     """Predict and write one session's maps (see the module docstring); returns a summary.
 
     ``estimator`` (:data:`~qmriflow.model.calibration.ESTIMATORS`): ``refined`` (default) the
@@ -296,6 +390,17 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     ``clusters``: a ``clusters.json`` (``qmriflow cluster-fit``): the calibrated scales come
     from the session's protocol cluster (its fit, or joining it), else from the session alone;
     the sidecar's ``Scaling.calibration.origin`` says which and why.
+    ``files``: the session's input files when they are not laid out as a preprocessed session
+    folder (``qmriflow infer-nifti``; ``session_dir`` is then ignored).
+    ``progress``: stage lines (and the network's slices) on stderr once the session has taken
+    a few seconds; the precision chosen is always printed there.
+
+    With ``scaling: seed`` the network sees exactly the published pipeline's inputs
+    (:mod:`qmriflow.model.published`) and its maps are written back on the input grid. With
+    ``calibrated`` scaling a brain mask much larger than the segmented brain (a head mask) is
+    narrowed to the segmented brain, with a warning (:func:`narrow_head_mask`); the per-voxel
+    data consistency runs there only and writes the status of every voxel
+    (``desc-refinestatus``).
     """
     t0 = time.perf_counter()
     if estimator not in ESTIMATORS:
@@ -316,32 +421,51 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
         cluster_doc = load_clusters(clusters)
     calibrated = method == "calibrated"
     masked = brain_mask or net is None
-    # re-synthesise every contrast whose image exists, also those not fed to the network
-    present = session_files(session_dir, subject, session).images
-    need = tuple(c for c in CONTRASTS if c in contrasts or ((synth or calibrated)
-                                                           and present[c].is_file()))
+    seed = not calibrated and net is not None
+    # re-synthesise every contrast whose image exists, also those not fed to the network; the
+    # published input path takes its Otsu mask from the T1w whenever there is one
+    if files is None:
+        files = session_files(session_dir, subject, session)
+    present = files.images
+    need = tuple(c for c in CONTRASTS if c in contrasts or (
+        (synth or calibrated or (seed and c == "T1w")) and present[c].is_file()))
     # the head mask (and so the normalisation) from the inputs too
-    sd = load_session(session_dir, subject, session, need, keep_raw=True, head_from=contrasts)
+    sd = load_session(session_dir, subject, session, need, keep_raw=True, head_from=contrasts,
+                      files=files)
+    report = _Progress(sd.label, progress)
+    if net is not None:
+        print(f"{sd.label}: network width {net.meta['width']} on {net.device}, precision "
+              f"{net.precision_choice}", file=sys.stderr, flush=True)
+    prep: SeedInputs | None = None
     if not calibrated:
         # the published method exactly: the seed's mono-exponential models, no echo trains
         sd.protocols = {c: mono_exponential(p) for c, p in sd.protocols.items()}
+    if seed:
+        prep = _seed_prepare(sd, contrasts)
     sel = [need.index(c) for c in contrasts]
     # calibrated from, pinned to and made consistent with the network's inputs only: a contrast
     # withheld from the network is withheld from the maps altogether (it is re-synthesised)
     seg = session_seg(sd) if calibrated else None
+    narrowing = None
+    if seg is not None and masked:
+        narrowing = narrow_head_mask(sd, seg)
     calib = (session_calibration(sd, contrasts, seg=seg, clusters=cluster_doc) if calibrated
              else None)
     t_read = time.perf_counter() - t0
     t1 = time.perf_counter()
     if net is not None:
-        maps = _network_maps(net, sd, sel, masked, batch_size)
+        report.stage("network")
+        maps = _network_maps(net, sd, sel, masked, batch_size, prep, report)
         t_net: float | None = time.perf_counter() - t1
     else:
         assert calib is not None and seg is not None  # calibrated, checked above
         maps, t_net = _tissue_maps(sd, calib, seg), None
+    if calib is not None and estimator != "network-only":
+        report.stage("calibrated estimate (pinning, data consistency, smoothing)")
     maps, sds, pinning = _estimate(estimator, maps, sd, calib, contrasts, seg, smoothing)
+    status = None if pinning is None else pinning["refine"].pop("status_map", None)
     t_est = time.perf_counter() - t1 - (t_net or 0.0)
-    files = sd.files
+    report.stage("writing")
     # file references are Paths: save_nifti writes them relative to the dataset
     # (io.dataset_ref: bids::sub-X/..., or the name alone for a checkpoint outside it)
     common = {
@@ -352,10 +476,13 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
         "ModelCheckpointSHA256": None if net is None else net.meta["sha256"],
         "ModelWidth": None if net is None else net.meta["width"],
         "ModelEpoch": None if net is None else net.meta.get("epoch"),
-        "Normalisation": {"method": "histogram mode of the head (512 bins, percentile window)",
-                          "modes": {c: sd.modes[c] for c in contrasts}},
+        "Normalisation": (prep.record() if prep is not None else
+                          {"method": "histogram mode of the head (512 bins, percentile window)",
+                           "modes": {c: sd.modes[c] for c in contrasts}}),
         "MaskedBy": Path(files.brain_mask) if masked else None,
+        "MaskNarrowed": narrowing,
         "Precision": None if net is None else net.precision,
+        "PrecisionChoice": None if net is None else net.precision_choice,
         "Device": None if net is None else str(net.device),
         "Estimator": _estimator_record(estimator, calibrated),
         "SignalModels": signal_models(sd.protocols, need, files.params),
@@ -365,26 +492,90 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     }
     paths = map_paths(out_dir, sd.label)
     written = _write_maps(paths, maps, sds, sd.affine, common, _MADE_BY.get(estimator, _NETWORK))
+    if status is not None:
+        written.append(_write_status(paths["refine_status"], status, sd.affine, common))
     scales: dict[str, float] = {}
     if synth:
         written += _write_synth(paths, maps, sd, need, contrasts, calib, scale_bound, masked,
                                 common, scales)
     brain = sd.brain
+    total = time.perf_counter() - t0
+    report.stage(f"done: {len(written)} files")
     return {
         "session": sd.label, "contrasts": list(contrasts), "estimator": estimator,
         "checkpoint": None if net is None else str(net.meta["path"]), "checkpoint_sha256":
             common["ModelCheckpointSHA256"], "precision": common["Precision"],
+        "precision_choice": common["PrecisionChoice"],
         "device": common["Device"], "n_slices": int(maps.shape[0]), "outputs": written,
         "brain_median": {k: float(np.median(maps[:, ch][brain])) if brain.any() else None
                          for ch, k in enumerate(("PD", "T1_s", "T2_s"))},
         "scale_relative_to_reference": scales,
         "scaling": method,
+        "mask_narrowed": narrowing,
+        "refine": None if pinning is None else {
+            k: pinning["refine"].get(k) for k in ("voxels", "iterations", "still_moving",
+                                                  "restarted", "status_counts")},
         "calibration": None if calib is None else calib.as_dict(),
         "timing_s": {"read": round(t_read, 3),
                      "network": None if t_net is None else round(t_net, 3),
                      "estimate": round(t_est, 3),
-                     "total": round(time.perf_counter() - t0, 3)},
+                     "total": round(total, 3)},
     }
+
+
+HEAD_SIZED_RATIO = 1.25
+"""A brain mask with more than this many times the voxels the segmentation labels as tissue
+inside it is taken for a head mask (a skull-stripped brain mask and its FAST/Atropos
+segmentation agree to within a few per cent; a head mask is 1.5-2.5 times the brain)."""
+
+
+def narrow_head_mask(sd: Any, seg: np.ndarray) -> dict[str, Any] | None:
+    """Narrow a head-sized brain mask of the loaded session ``sd`` (in place) to its segmented
+    brain: the voxels the dseg ``seg`` (S, H, W) labels as tissue, holes filled slice by slice,
+    inside the mask. Prints a warning and returns what was done; ``None`` when the mask is
+    brain-sized (or the segmentation empty)."""
+    from scipy import ndimage as ndi
+
+    tissue = (seg > 0) & sd.brain
+    n_mask, n_tissue = int(sd.brain.sum()), int(tissue.sum())
+    if n_tissue == 0 or n_mask <= HEAD_SIZED_RATIO * n_tissue:
+        return None
+    narrowed = np.stack([ndi.binary_fill_holes(t) for t in tissue]) & sd.brain
+    sd.brain = narrowed
+    info = {"mask_voxels": n_mask, "segmented_brain_voxels": int(narrowed.sum()),
+            "ratio": round(n_mask / n_tissue, 3),
+            "reason": f"the brain mask holds {n_mask / n_tissue:.2f}x the voxels the "
+                      f"segmentation labels as tissue (> {HEAD_SIZED_RATIO}): a head mask; "
+                      "data consistency and maps restricted to the segmented brain"}
+    print(f"warning: {sd.label}: {info['reason']} ({int(narrowed.sum())} of {n_mask} voxels)",
+          file=sys.stderr, flush=True)
+    return info
+
+
+def _seed_prepare(sd: Any, contrasts: Sequence[str]) -> SeedInputs:
+    """The published inputs of the loaded session ``sd`` (:func:`seed_inputs`); the session's
+    normalised images and modes become the published ones (so the re-synthesis compares with
+    the images the network saw)."""
+    from .data import _load_volume
+
+    mask, _ = _load_volume(sd.files.brain_mask, "brain mask", sd.label)
+    try:
+        prep = seed_inputs(sd.raw, mask, sd.affine, contrasts)
+    except InputError as exc:
+        raise exc.with_context(session=sd.label) from None
+    sd.modes = {c: prep.modes[c] for c in sd.contrasts}
+    sd.images = np.stack([np.moveaxis(sd.raw[c] / np.float32(sd.modes[c]), 2, 0)
+                          for c in sd.contrasts], axis=1).astype(np.float32)
+    return prep
+
+
+def _write_status(path: Path, status: np.ndarray, affine: np.ndarray,
+                  common: dict[str, Any]) -> str:
+    """The per-voxel status of the data consistency (S, H, W) uint8, as a label image."""
+    save_nifti(path, np.moveaxis(status, 0, 2), affine, {
+        "Description": "status of the per-voxel data consistency (refine_maps)",
+        "Labels": {str(k): v for k, v in REFINE_STATUS.items()}, **common}, dtype=np.uint8)
+    return str(path)
 
 
 _NETWORK = "qmriflow, seed 000 self-supervised network"
