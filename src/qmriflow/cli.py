@@ -480,15 +480,22 @@ def _done(a: argparse.Namespace) -> int:
     return 0
 
 
-def _nightly_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--configfile", type=Path, required=True, help="the workflow config")
-    p.add_argument("--cores", type=positive_int, default=None, help="default: the profile's (all)")
-    p.add_argument("--profile", type=Path, default=None,
-                   help="Snakemake profile (default: profiles/nightly of the checkout)")
-    p.add_argument("--directory", type=Path, default=None,
-                   help="Snakemake's working directory (default: the current one)")
-    p.add_argument("snakemake_args", nargs=argparse.REMAINDER,
-                   help="after --: more Snakemake options")
+def _workflow_args(default_profile: str) -> Callable[[argparse.ArgumentParser], None]:
+    def configure(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--configfile", type=Path, required=True, help="the workflow config")
+        p.add_argument("--cores", type=positive_int, default=None,
+                       help="default: the profile's (all)")
+        p.add_argument("--profile", type=Path, default=None,
+                       help=f"Snakemake profile (default: {default_profile} of the checkout)")
+        p.add_argument("--directory", type=Path, default=None,
+                       help="Snakemake's working directory (default: the current one)")
+        p.add_argument("snakemake_args", nargs=argparse.REMAINDER,
+                       help="after --: more Snakemake options and targets")
+
+    return configure
+
+
+_nightly_args = _workflow_args("profiles/nightly")
 
 
 @command("nightly", "incremental run over a growing archive: new sessions only, report")
@@ -499,6 +506,16 @@ def _nightly(a: argparse.Namespace) -> int:
     extra = [x for x in a.snakemake_args if x != "--"]
     return run_nightly(a.configfile, cores=a.cores, profile=a.profile, directory=a.directory,
                        snakemake_args=extra)
+
+
+@command("run", "run the workflow; first stops the jobs and removes the lock a killed run left")
+@arguments(_workflow_args("profiles/workstation"))
+def _run(a: argparse.Namespace) -> int:
+    from .runner import run_workflow
+
+    extra = [x for x in a.snakemake_args if x != "--"]
+    return run_workflow(a.configfile, cores=a.cores, profile=a.profile, directory=a.directory,
+                        snakemake_args=extra)
 
 
 def _dd_args(p: argparse.ArgumentParser) -> None:
