@@ -256,25 +256,30 @@ def _train(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _infer_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("session_dir", type=Path, help="preprocessed session folder (.../sub-X/ses-Y)")
+def _infer_model_args(p: argparse.ArgumentParser, contrasts_default: str | None) -> None:
+    """The options `infer` and `infer-nifti` share (how the maps are estimated)."""
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="model.pt of `qmriflow train`, or published weights (state_dict); "
-                        "required except with --estimator network-free")
+                   help="model.pt of `qmriflow train`, published weights (a state_dict such as "
+                        "latest_net_G.pth), or the folder holding either; required except with "
+                        "--estimator network-free")
     p.add_argument("--estimator", choices=tuple(ESTIMATORS), default=DEFAULT_ESTIMATOR,
                    help="how the maps are estimated: "
                         + "; ".join(f"{k}: {v}" for k, v in ESTIMATORS.items())
                         + f" (default {DEFAULT_ESTIMATOR})")
     p.add_argument("--out-dir", type=Path, required=True, help="folder for the maps")
-    p.add_argument("--contrasts", default="T1w,T2w,FLAIR", help="inputs fed to the network")
+    p.add_argument("--contrasts", default=contrasts_default,
+                   help="inputs fed to the network" + (
+                       "" if contrasts_default else " (default: every image given)"))
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
+                   help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32 (the "
+                        "choice is printed and recorded in the sidecars)")
     p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--scale-bound", type=float, default=0.2)
     p.add_argument("--scaling", choices=["seed", "calibrated"], default=None,
-                   help="default: the checkpoint's training setting (seed for published weights)")
+                   help="default: the checkpoint's training setting (seed for published "
+                        "weights); seed reproduces the published inference exactly")
     d = DEFAULT_SMOOTHING
     p.add_argument("--smoothing", type=_smoothing, default=None, metavar="R,SS,SR,SV",
                    help="calibrated scaling: radius (voxels, 0 = off), spatial SD (voxels), "
@@ -291,9 +296,37 @@ def _infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-brain-mask", action="store_true", help="keep maps outside the brain")
     p.add_argument("--no-synth", action="store_true",
                    help="skip the re-synthesised images and difference maps")
-    _session_args(p)
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress lines on stderr (the precision line stays)")
     # the usage error of a missing --checkpoint (required unless --estimator network-free)
     p.set_defaults(infer_parser=p)
+
+
+def _infer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("session_dir", type=Path, help="preprocessed session folder (.../sub-X/ses-Y)")
+    _infer_model_args(p, "T1w,T2w,FLAIR")
+    _session_args(p)
+
+
+def _infer_kwargs(a: argparse.Namespace, contrasts: tuple[str, ...]) -> dict:
+    """infer_session's keyword arguments from the shared options."""
+    return dict(contrasts=contrasts, device=a.device, precision=a.precision,
+                batch_size=a.batch_size, threads=a.threads, brain_mask=not a.no_brain_mask,
+                synth=not a.no_synth, scale_bound=a.scale_bound, scaling=a.scaling,
+                smoothing=_smoothing_of(a), estimator=a.estimator, clusters=a.clusters,
+                progress=not a.no_progress)
+
+
+def _report(label: str, a: argparse.Namespace, contrasts: tuple[str, ...], info: dict) -> None:
+    med = info["brain_median"]
+    refine = info.get("refine") or {}
+    counts = refine.get("status_counts")
+    print(f"{label}: {a.estimator} maps from {'+'.join(contrasts)} in "
+          f"{info['timing_s']['total']:.1f} s "
+          f"(brain median T1 {med['T1_s']:.3f} s, T2 {med['T2_s'] * 1000:.1f} ms, "
+          f"PD {med['PD']:.3f})"
+          + (f"; data consistency: {', '.join(f'{v} {k}' for k, v in counts.items())}"
+             if counts else ""))
 
 
 @command("infer", "T1/T2/PD maps of one session with a trained relaxometry network")
@@ -308,16 +341,143 @@ def _infer(a: argparse.Namespace) -> int:
     contrasts = _contrasts(a.contrasts)
     info = _with_session(label, lambda: infer_session(
         a.session_dir, a.checkpoint, a.out_dir, subject=a.subject, session=a.session,
-        contrasts=contrasts, device=a.device, precision=a.precision, batch_size=a.batch_size,
-        threads=a.threads, brain_mask=not a.no_brain_mask, synth=not a.no_synth,
-        scale_bound=a.scale_bound, scaling=a.scaling, smoothing=_smoothing_of(a),
-        estimator=a.estimator, clusters=a.clusters))
+        **_infer_kwargs(a, contrasts)))
     _provenance(a, "infer", info)
-    med = info["brain_median"]
-    print(f"{label}: {a.estimator} maps from {'+'.join(contrasts)} in "
-          f"{info['timing_s']['total']:.1f} s "
-          f"(brain median T1 {med['T1_s']:.3f} s, T2 {med['T2_s'] * 1000:.1f} ms, "
-          f"PD {med['PD']:.3f})")
+    _report(label, a, contrasts, info)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# infer-nifti
+# ---------------------------------------------------------------------------------------------
+
+_PROTOCOL_FIELDS = (("tr", "TR", "TR (ms)"), ("te", "TE", "TE (ms)"),
+                    ("ti", "TI", "TI (ms); empty = none"), ("fa", "FA", "flip angle (deg)"),
+                    ("seq", "seq_type", "sequence label: GRE/TFE, SE, TSE, IR/FLAIR, MPRAGE"))
+
+
+def _infer_nifti_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", type=Path, nargs="*",
+                   help="registered NIfTIs named *_T1w / *_T2w / *_FLAIR (.nii or .nii.gz); "
+                        "or give them with --t1w/--t2w/--flair")
+    for c in CONTRAST_CHOICES:
+        p.add_argument(f"--{c.lower()}", type=Path, action="append", default=None,
+                       metavar="NIFTI", help=f"the {c} image")
+    p.add_argument("--brain-mask", type=Path, required=True,
+                   help="brain mask on the images' grid (non-zero = brain)")
+    p.add_argument("--dseg", type=Path, default=None,
+                   help="tissue labels on the images' grid: 1 GM, 2 WM, 3 CSF")
+    for t in ("wm", "gm", "csf"):
+        p.add_argument(f"--{t}", type=Path, default=None,
+                       help=f"{t.upper()} mask (instead of --dseg)")
+    p.add_argument("--protocol", type=Path, default=None,
+                   help="the published CSV (ID, <C>_seq_type, <C>_TE, <C>_TR, <C>_TI, <C>_FA) "
+                        "or a JSON with T1w/T2w/FLAIR entries")
+    p.add_argument("--protocol-id", default=None,
+                   help="the CSV row's ID when the CSV holds several subjects (default: the "
+                        "subject label or the images' common stem)")
+    for c in CONTRAST_CHOICES:
+        for key, _field, text in _PROTOCOL_FIELDS:
+            p.add_argument(f"--{c.lower()}-{key}", default=None, metavar="X",
+                           help=f"{c} {text} (overrides --protocol)")
+    _infer_model_args(p, None)
+    p.add_argument("--subject", default=None,
+                   help="subject label (default: sub-<label> in the file names, else their "
+                        "common stem)")
+    p.add_argument("--session", default=None,
+                   help="session label (default: ses-<label> in the file names, else 01)")
+    p.add_argument("--failures", type=Path, help="folder for this run's failure records")
+    p.add_argument("--provenance", type=Path, help="write this step's provenance JSON here")
+
+
+def _nifti_images(a: argparse.Namespace) -> dict[str, Path]:
+    """Contrast → image from --t1w/--t2w/--flair and the positional names; a contrast given
+    twice, or a positional name without a contrast suffix, is an InputError."""
+    from .errors import InputError
+    from .model.nifti_inputs import contrast_of_name
+
+    found: dict[str, list[Path]] = {c: list(getattr(a, c.lower()) or []) for c in
+                                    CONTRAST_CHOICES}
+    for path in a.images:
+        c = contrast_of_name(path)
+        if c is None:
+            raise InputError("cannot tell the contrast from the name (expected *_T1w, *_T2w or "
+                             "*_FLAIR .nii/.nii.gz): give it with --t1w/--t2w/--flair",
+                             path=path)
+        found[c].append(path)
+    for c, paths in found.items():
+        if len(paths) > 1:
+            raise InputError(f"contrast {c} given twice ({', '.join(p.name for p in paths)})")
+    return {c: paths[0] for c, paths in found.items() if paths}
+
+
+def _nifti_protocol(a: argparse.Namespace, images: dict[str, Path], row_ids: list[str]
+                    ) -> tuple[dict, Path | None]:
+    from .model.nifti_inputs import read_protocol_file
+
+    fields = read_protocol_file(a.protocol, row_ids) if a.protocol is not None else {}
+    for c in CONTRAST_CHOICES:
+        for key, field, _text in _PROTOCOL_FIELDS:
+            v = getattr(a, f"{c.lower()}_{key.replace('-', '_')}")
+            if v is not None:
+                entry = fields.setdefault(c, {})
+                if "sequence" in entry or "tr_ms" in entry:  # qmriflow JSON: back to fields
+                    entry = fields[c] = {"seq_type": entry.get("sequence_label") or
+                                         entry.get("sequence"), "TR": entry.get("tr_ms"),
+                                         "TE": entry.get("te_ms"), "TI": entry.get("ti_ms"),
+                                         "FA": entry.get("fa_deg")}
+                entry[field] = v
+    return fields, a.protocol
+
+
+@command("infer-nifti", "T1/T2/PD maps from plain NIfTIs, masks and a protocol CSV/JSON "
+                        "(the published code's inputs)")
+@arguments(_infer_nifti_args)
+def _infer_nifti(a: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from .errors import InputError
+    from .ingest import session_label
+    from .model.infer import infer_session
+    from .model.nifti_inputs import label_from_names, stage_session
+
+    if a.checkpoint is None and a.estimator != "network-free":
+        a.infer_parser.error("the following arguments are required: --checkpoint")
+    images = _nifti_images(a)
+    if not images:
+        raise InputError("no input image: give NIfTIs named *_T1w/*_T2w/*_FLAIR or "
+                         "--t1w/--t2w/--flair")
+    subject, session, how = label_from_names(images, a.subject, a.session)
+    label = session_label(subject, session)
+    contrasts = (_contrasts(a.contrasts) if a.contrasts else
+                 tuple(c for c in CONTRAST_CHOICES if c in images))
+    missing = [c for c in contrasts if c not in images]
+    if missing:
+        raise InputError(f"--contrasts names {', '.join(missing)} but no such image was given")
+    stem_ids = sorted({p.name.split("_T")[0].split("_FLAIR")[0] for p in images.values()})
+    row_ids = [x for x in ([a.protocol_id] if a.protocol_id else
+                           [subject, f"sub-{subject}", *stem_ids]) if x]
+    fields, source = _nifti_protocol(a, images, row_ids)
+    tissue = {t.upper(): getattr(a, t) for t in ("wm", "gm", "csf") if getattr(a, t)}
+    if how != "given":
+        print(f"{label}: subject/session {how} (give --subject/--session to choose)")
+    with tempfile.TemporaryDirectory(prefix="qmriflow_infer_nifti_") as work:
+        files = _with_session(label, lambda: {"files": stage_session(
+            images, a.brain_mask, work, subject=subject, session=session, protocol=fields,
+            protocol_source=source, dseg=a.dseg, tissue_masks=tissue or None)})["files"]
+        info = _with_session(label, lambda: infer_session(
+            None, a.checkpoint, a.out_dir, subject=subject, session=session, files=files,
+            **_infer_kwargs(a, contrasts)))
+        # the protocol (and the dseg built from the masks) the maps were made with, beside
+        # them: the sidecars name these files
+        for p in (files.params, *([files.dseg] if tissue else [])):
+            shutil.copy2(p, Path(a.out_dir) / p.name)
+            if p.suffix == ".gz" and p.with_name(p.name[:-7] + ".json").is_file():
+                j = p.with_name(p.name[:-7] + ".json")
+                shutil.copy2(j, Path(a.out_dir) / j.name)
+    _provenance(a, "infer-nifti", info)
+    _report(label, a, contrasts, info)
     return 0
 
 
