@@ -38,7 +38,12 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs", type=int, default=500)
     p.add_argument("--threads", type=count_or_auto, default=0,
-                   help="CPU threads (0 = all available)")
+                   help="CPU threads granted (0 = all available; never more than the cores "
+                        "this process may use)")
+    p.add_argument("--readout", choices=["auto", "bipolar", "monopolar"], default="auto",
+                   help="readout polarity: bipolar = estimate and model an odd/even echo "
+                        "amplitude factor; auto = from the sidecar (ReadoutPolarity, Siemens "
+                        "ucReadOutMode), else estimated and kept only if significant")
     _optional_session_args(p)
 
 
@@ -60,10 +65,16 @@ def _cse_fit(a: argparse.Namespace) -> int:
     dev = _device(a.device)
 
     def work() -> dict:
+        import torch
+
+        from .cse.fit import granted_threads
+
+        # the process never runs more threads than granted (stray ops included)
+        torch.set_num_threads(granted_threads(a.threads))
         series = load_series(a.input, field_t=a.field_strength)
         opts = CseOptions(
             method=a.method, sigma=a.sigma, mask_threshold=a.mask_threshold,
-            smooth_choice=a.smooth_choice, device=dev, threads=a.threads,
+            smooth_choice=a.smooth_choice, device=dev, threads=a.threads, readout=a.readout,
             train=TrainOptions(seed=a.seed, max_epochs=a.max_epochs, device=dev),
             fit=FitOptions(device=dev, threads=a.threads))
         result = run_cse(series, opts)

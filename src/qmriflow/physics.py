@@ -44,6 +44,7 @@ __all__ = [
     "FatSpectrum",
     "Protocol",
     "TECorrection",
+    "cse_echo_gains",
     "cse_magnitude",
     "cse_magnitude_jacobian",
     "echo_train_signal",
@@ -643,6 +644,24 @@ class FatSpectrum:
 DEFAULT_FAT_SPECTRUM = FatSpectrum()
 
 
+def cse_echo_gains(n_echo: int, even_echo_gain: float = 1.0) -> np.ndarray:
+    """Per-echo amplitude factors of a bipolar readout: 1 on odd echoes (1st, 3rd, …),
+    ``even_echo_gain`` on even echoes (2nd, 4th, …).
+
+    With alternating readout gradients the odd and even echoes pass through different
+    gradient-delay/eddy-current and filter paths; in the complex domain this is a per-parity
+    amplitude and phase error (Yu et al. 2010, bipolar multi-echo water-fat separation). The
+    phase error of a whole echo vanishes in the magnitude, the amplitude error does not: the
+    magnitude model keeps one factor for the even echoes (the odd echoes' amplitude is
+    absorbed by S0). The chemical-shift displacement, which alternates in direction between
+    odd and even echoes, is a spatial shift with no per-voxel magnitude-domain form; it is not
+    modelled. A monopolar readout is ``even_echo_gain = 1`` (all ones).
+    """
+    g = np.ones(int(n_echo), dtype=np.float64)
+    g[1::2] = float(even_echo_gain)
+    return g
+
+
 def _cse_terms(s0: Any, pdff: Any, r2star_per_s: Any, te_ms: Sequence[float] | np.ndarray,
                field_t: float, spectrum: FatSpectrum | None) -> tuple[Any, ...]:
     """Shared set-up of :func:`cse_magnitude` and its Jacobian: ``(xp, s0, pdff, r2s, cre,
@@ -666,17 +685,24 @@ def cse_magnitude(
     te_ms: Sequence[float] | np.ndarray,
     field_t: float,
     spectrum: FatSpectrum | None = None,
+    *,
+    even_echo_gain: float = 1.0,
 ) -> Any:
     """Magnitude multi-echo GRE signal of a water/fat voxel.
 
-    S(t) = S0 · |(1 − PDFF) + PDFF · Σ_k a_k e^{i2π f_k t}| · e^{−R2* t}.
+    S(t_n) = g_n · S0 · |(1 − PDFF) + PDFF · Σ_k a_k e^{i2π f_k t_n}| · e^{−R2* t_n},
+    g_n = 1 on odd echoes and ``even_echo_gain`` on even echoes (bipolar readouts,
+    :func:`cse_echo_gains`; 1 = monopolar, the seed's model).
 
     ``s0``, ``pdff``, ``r2star_per_s`` broadcast together (any leading shape); the echo axis
     is appended last, so the result has shape ``broadcast(s0, pdff, r2*) + (n_echo,)``.
     """
     xp, s0, _, r2s, _, _, t_s, re, im = _cse_terms(s0, pdff, r2star_per_s, te_ms, field_t,
                                                    spectrum)
-    return s0 * xp.sqrt(re * re + im * im) * xp.exp(-r2s * t_s)
+    out = s0 * xp.sqrt(re * re + im * im) * xp.exp(-r2s * t_s)
+    if even_echo_gain != 1.0:
+        out = out * xp.asarray(cse_echo_gains(t_s.shape[-1], even_echo_gain), out)
+    return out
 
 
 def cse_magnitude_jacobian(
@@ -689,6 +715,7 @@ def cse_magnitude_jacobian(
     *,
     second: bool = False,
     eps: float = 1e-12,
+    even_echo_gain: float = 1.0,
 ) -> tuple[Any, ...]:
     """:func:`cse_magnitude` and its partial derivatives, for Newton-type fitters.
 
@@ -698,7 +725,8 @@ def cse_magnitude_jacobian(
     With ``second=True`` five more arrays follow, the non-zero second derivatives
     ``(d²S/dS0dp, d²S/dS0dR2*, d²S/dp², d²S/dpdR2*, d²S/dR2*²)`` = (E·A', −t·A·E,
     S0·E·(|c − 1|² − A'²)/A, −t·dS/dp, t²·S); d²S/dS0² = 0. ``eps`` guards the division
-    where the water and fat phasors cancel (A = 0).
+    where the water and fat phasors cancel (A = 0). ``even_echo_gain``: the bipolar factor of
+    :func:`cse_magnitude` (a constant per echo: it scales the signal and every derivative).
     """
     xp, s0, pdff, r2s, cre, cim, t_s, re, im = _cse_terms(s0, pdff, r2star_per_s, te_ms,
                                                          field_t, spectrum)
@@ -712,11 +740,16 @@ def cse_magnitude_jacobian(
     d_pdff = s0 * d_s0_p
     d_r2s = -t_s * sig
     if not second:
-        return sig, d_s0, d_pdff, d_r2s
-    c1 = (cre - 1.0) * (cre - 1.0) + cim * cim
-    d_pp = s0 * e * (c1 - a_p * a_p) / a_safe
-    return (sig, d_s0, d_pdff, d_r2s, d_s0_p, -t_s * d_s0, d_pp, -t_s * d_pdff,
-            t_s * t_s * sig)
+        out: tuple[Any, ...] = (sig, d_s0, d_pdff, d_r2s)
+    else:
+        c1 = (cre - 1.0) * (cre - 1.0) + cim * cim
+        d_pp = s0 * e * (c1 - a_p * a_p) / a_safe
+        out = (sig, d_s0, d_pdff, d_r2s, d_s0_p, -t_s * d_s0, d_pp, -t_s * d_pdff,
+               t_s * t_s * sig)
+    if even_echo_gain != 1.0:  # a constant per echo: scales the signal and every derivative
+        gain = xp.asarray(cse_echo_gains(t_s.shape[-1], even_echo_gain), t_s)
+        out = tuple(v * gain for v in out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

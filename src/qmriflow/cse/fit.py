@@ -31,7 +31,8 @@ from ..physics import (
     rician_nll_with_derivatives,
 )
 
-__all__ = ["FitOptions", "FitResult", "fit_two_start", "grid_search", "voxel_nll"]
+__all__ = ["FitOptions", "FitResult", "fit_two_start", "granted_threads", "grid_search",
+           "voxel_nll"]
 
 PDFF_BOUNDARY = 0.58
 
@@ -51,9 +52,12 @@ class FitOptions:
     jumping over a narrow basin into a worse one).
     ``dtype``: ``"float32"`` (default, ~2× faster; NLL converged to ~1e-6 relative, far
     inside the 0.1 % tolerance of the acceptance check) or ``"float64"`` (~1e-9).
-    ``chunk``: voxels per batch (0: 32768 on CPU, 10⁶ on GPU).
+    ``chunk``: voxels per batch (0: on CPU at most 32768 and at most N/threads, so that every
+    worker has a chunk however small the series; 10⁶ on GPU).
     ``threads``: CPU worker threads, each fitting whole chunks with single-threaded torch ops
-    (0: the CPUs available to this process). ``device``: torch device string.
+    (0: the CPUs available to this process; never more than those, ``os.sched_getaffinity``).
+    A series of any size runs this way — no intra-op threading, which collapses when other
+    jobs share the cores. ``device``: torch device string.
     """
 
     boundary: float = PDFF_BOUNDARY
@@ -96,6 +100,8 @@ class FitResult:
     mean_iterations: float = 0.0
     params_water: np.ndarray | None = None
     params_fat: np.ndarray | None = None
+    threads: int = 1
+    even_echo_gain: float = 1.0
 
     @property
     def voxels_per_s(self) -> float:
@@ -112,7 +118,7 @@ _PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
 
 
 def _objective(x: Any, m: Any, te_ms: np.ndarray, field_t: float, spectrum: FatSpectrum | None,
-               derivatives: bool) -> tuple[Any, Any, Any, Any]:
+               derivatives: bool, gain: float = 1.0) -> tuple[Any, Any, Any, Any]:
     """NLL (σ = 1) per voxel and, optionally, gradient, Hessian and a positive scaling.
 
     ``x``: (N, 3) = S0 (σ units), PDFF, R2* (1/ms). Returns ``(f, g, h, dgn)`` with ``g``
@@ -124,11 +130,12 @@ def _objective(x: Any, m: Any, te_ms: np.ndarray, field_t: float, spectrum: FatS
     torch = _torch()
     r_s = x[:, 2] * 1000.0
     if not derivatives:
-        sig = cse_magnitude_jacobian(x[:, 0], x[:, 1], r_s, te_ms, field_t, spectrum)[0]
+        sig = cse_magnitude_jacobian(x[:, 0], x[:, 1], r_s, te_ms, field_t, spectrum,
+                                     even_echo_gain=gain)[0]
         return rician_nll_with_derivatives(m, sig, 1.0, derivatives=False)[0].sum(-1), \
             None, None, None
     sig, d_s0, d_p, d_r, d_s0p, d_s0r, d_pp, d_pr, d_rr = cse_magnitude_jacobian(
-        x[:, 0], x[:, 1], r_s, te_ms, field_t, spectrum, second=True)
+        x[:, 0], x[:, 1], r_s, te_ms, field_t, spectrum, second=True, even_echo_gain=gain)
     nll, d1, d2 = rician_nll_with_derivatives(m, sig, 1.0)
     f = nll.sum(-1)
     # R2* handled in 1/ms: chain rule factor 1000 per R2* derivative
@@ -188,7 +195,8 @@ def _lm_step(g: Any, h: Any, dgn: Any, lam: Any, x: Any, lo: Any, hi: Any,
 
 
 def _lm(x0: Any, m: Any, lo: Any, hi: Any, te_ms: np.ndarray, field_t: float,
-        spectrum: FatSpectrum | None, opts: FitOptions) -> tuple[Any, Any, int, int]:
+        spectrum: FatSpectrum | None, opts: FitOptions,
+        gain: float = 1.0) -> tuple[Any, Any, int, int]:
     """Box-constrained LM from ``x0`` for all voxels; returns (x, nll, iterations, work).
 
     ``work`` counts voxel-iterations (objective evaluations beyond the first).
@@ -200,7 +208,7 @@ def _lm(x0: Any, m: Any, lo: Any, hi: Any, te_ms: np.ndarray, field_t: float,
     """
     torch = _torch()
     x = x0.clone()
-    f, g, h, dg = _objective(x, m, te_ms, field_t, spectrum, True)
+    f, g, h, dg = _objective(x, m, te_ms, field_t, spectrum, True, gain)
     lam = torch.full_like(f, 1e-2)
     tol = opts.tol if opts.tol is not None else (1e-9 if x.dtype == torch.float64 else 1e-6)
     idx = torch.arange(x.shape[0], device=x.device)
@@ -211,7 +219,8 @@ def _lm(x0: Any, m: Any, lo: Any, hi: Any, te_ms: np.ndarray, field_t: float,
         xs, ms, los, his = x[idx], m[idx], lo[idx], hi[idx]
         fs, gs, hs, dgs, lams = f[idx], g[idx], h[idx], dg[idx], lam[idx]
         x_new, pd = _lm_step(gs, hs, dgs, lams, xs, los, his, opts.max_pdff_step)
-        f_new, g_new, h_new, dg_new = _objective(x_new, ms, te_ms, field_t, spectrum, True)
+        f_new, g_new, h_new, dg_new = _objective(x_new, ms, te_ms, field_t, spectrum, True,
+                                                 gain)
         ok = pd & (f_new <= fs)
         okc = ok[:, None]
         dec = fs - f_new
@@ -239,7 +248,8 @@ def _as_tensor(a: Any, dtype: Any, device: Any) -> Any:
 
 
 def _grid_table(te: np.ndarray, field_t: float, spectrum: FatSpectrum | None, plo: float,
-                phi: float, opts: FitOptions, device: Any) -> tuple[Any, Any, Any, Any]:
+                phi: float, opts: FitOptions, device: Any,
+                gain: float = 1.0) -> tuple[Any, Any, Any, Any]:
     """Start grid of one half: unit-norm shapes (G, E), their norms, PDFF and R2* (1/ms).
 
     Always float32: the grid only picks a start.
@@ -248,7 +258,8 @@ def _grid_table(te: np.ndarray, field_t: float, spectrum: FatSpectrum | None, pl
     p = np.linspace(plo, phi, opts.init_pdff_points)
     r = opts.r2star_max_per_s * np.linspace(0.0, 1.0, opts.init_r2star_points) ** 2
     pp, rr = (a.ravel() for a in np.meshgrid(p, r, indexing="ij"))
-    table = cse_magnitude_jacobian(np.ones_like(pp), pp, rr, te, field_t, spectrum)[0]
+    table = cse_magnitude_jacobian(np.ones_like(pp), pp, rr, te, field_t, spectrum,
+                                   even_echo_gain=gain)[0]
     norm = np.sqrt((table * table).sum(-1))
     as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
     return as_t(table / norm[:, None]), as_t(norm), as_t(pp), as_t(rr / 1000.0)
@@ -277,11 +288,14 @@ def fit_two_start(
     *,
     options: FitOptions | None = None,
     spectrum: FatSpectrum | None = None,
+    even_echo_gain: float = 1.0,
 ) -> FitResult:
     """Two-start Rician maximum-likelihood fit of S0, PDFF and R2* per voxel.
 
     ``signal``: (N, n_echo) magnitudes (NumPy or torch); ``te_ms``: echo times in ms;
     ``field_t``: tesla; ``sigma``: noise SD of the underlying complex Gaussian, signal units.
+    ``even_echo_gain``: amplitude factor of the even echoes (bipolar readouts, see
+    :func:`qmriflow.physics.cse_echo_gains`; 1 = monopolar).
     Returns :class:`FitResult` (S0 in signal units, PDFF 0–1, R2* in 1/s).
     """
     torch = _torch()
@@ -295,30 +309,37 @@ def fit_two_start(
     sig_all = _as_tensor(signal, dtype, dev) / float(sigma)
     n = int(sig_all.shape[0])
     on_cpu = dev.type == "cpu"
-    chunk = opts.chunk if opts.chunk > 0 else (32768 if on_cpu else 1_000_000)
-    workers = max(1, opts.threads if opts.threads > 0 else _cpu_count()) if on_cpu else 1
+    workers = granted_threads(opts.threads) if on_cpu else 1
+    if opts.chunk > 0:
+        chunk = opts.chunk
+    elif on_cpu:
+        chunk = max(1, min(32768, -(-n // workers)))
+    else:
+        chunk = 1_000_000
     starts = list(range(0, n, chunk))
+    workers = max(1, min(workers, len(starts)))
 
     b = float(opts.boundary)
-    grids = [_grid_table(te, field_t, spectrum, lo_, hi_, opts, dev)
+    gain = float(even_echo_gain)
+    grids = [_grid_table(te, field_t, spectrum, lo_, hi_, opts, dev, gain)
              for lo_, hi_ in ((0.0, b), (b, 1.0))]
 
     def run(start: int) -> tuple[Any, Any, Any, Any, int, int]:
-        return _fit_chunk(sig_all[start:start + chunk], te, field_t, spectrum, grids, opts)
+        return _fit_chunk(sig_all[start:start + chunk], te, field_t, spectrum, grids, opts,
+                          gain)
 
     prev_threads = torch.get_num_threads()
     try:
-        if workers > 1 and len(starts) > 1:
+        if on_cpu:
             # chunk-level parallelism: single-threaded ops in `workers` Python threads (torch
             # releases the GIL), much faster than intra-op threads on small, busy CPUs
+            torch.set_num_threads(1)
+        if workers > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            torch.set_num_threads(1)
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 parts = list(pool.map(run, starts))
         else:
-            if on_cpu:
-                torch.set_num_threads(1 if workers == 1 else prev_threads)
             parts = [run(s) for s in starts]
     finally:
         torch.set_num_threads(prev_threads)
@@ -341,7 +362,8 @@ def fit_two_start(
     return FitResult(s0=x[:, 0], pdff=x[:, 1], r2star_per_s=x[:, 2],
                      nll=np.where(side.astype(bool), ff, fw), nll_water=fw, nll_fat=ff,
                      fat_side=side, iterations=its, seconds=seconds,
-                     mean_iterations=work / max(2 * n, 1), params_water=pw, params_fat=pf)
+                     mean_iterations=work / max(2 * n, 1), params_water=pw, params_fat=pf,
+                     threads=workers, even_echo_gain=gain)
 
 
 def _cpu_count() -> int:
@@ -353,9 +375,17 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def granted_threads(threads: int) -> int:
+    """CPU threads to use: ``threads`` (0: all CPUs this process may run on), never more than
+    the CPUs of ``os.sched_getaffinity`` (a rule's ``--threads 8`` on a 2-core cgroup/SLURM
+    allocation runs 2)."""
+    cores = _cpu_count()
+    return max(1, min(int(threads), cores) if threads and threads > 0 else cores)
+
+
 def _fit_chunk(m: Any, te: np.ndarray, field_t: float, spectrum: FatSpectrum | None,
                grids: list[tuple[Any, Any, Any, Any]],
-               opts: FitOptions) -> tuple[Any, Any, Any, Any, int, int]:
+               opts: FitOptions, gain: float = 1.0) -> tuple[Any, Any, Any, Any, int, int]:
     """Both starts on one chunk of voxels (σ units); returns (x, nll_w, nll_f, fat, its, work)."""
     torch = _torch()
     b = float(opts.boundary)
@@ -372,7 +402,7 @@ def _fit_chunk(m: Any, te: np.ndarray, field_t: float, spectrum: FatSpectrum | N
             hi = torch.stack([s0_hi, zeros + phi, zeros + r_hi], -1)
             x0 = _grid_start(m, grid)
             x0 = torch.minimum(torch.maximum(x0, lo), hi)
-            x, f, it, wk = _lm(x0, m, lo, hi, te, field_t, spectrum, opts)
+            x, f, it, wk = _lm(x0, m, lo, hi, te, field_t, spectrum, opts, gain)
             its, work = max(its, it), work + wk
             res.append((x, f))
         (xw, fw), (xf, ff) = res
@@ -382,12 +412,13 @@ def _fit_chunk(m: Any, te: np.ndarray, field_t: float, spectrum: FatSpectrum | N
 
 def voxel_nll(signal: np.ndarray, s0: np.ndarray, pdff: np.ndarray, r2star_per_s: np.ndarray,
               te_ms: Sequence[float] | np.ndarray, field_t: float, sigma: float,
-              spectrum: FatSpectrum | None = None) -> np.ndarray:
+              spectrum: FatSpectrum | None = None, even_echo_gain: float = 1.0) -> np.ndarray:
     """Rician NLL (float64, summed over echoes) of parameter maps given the signal, (N,)."""
     from ..physics import cse_magnitude
 
     nu = cse_magnitude(np.asarray(s0, np.float64), np.asarray(pdff, np.float64),
-                       np.asarray(r2star_per_s, np.float64), te_ms, field_t, spectrum)
+                       np.asarray(r2star_per_s, np.float64), te_ms, field_t, spectrum,
+                       even_echo_gain=even_echo_gain)
     return rician_nll(np.asarray(signal, np.float64), nu, float(sigma)).sum(-1)
 
 

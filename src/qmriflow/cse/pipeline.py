@@ -13,7 +13,13 @@ Output files (``<prefix>`` = the series' name without echo entities, ``<m>`` = t
 ``<prefix>_desc-<m>_nll.nii.gz``          per-voxel Rician negative log-likelihood (sum over
                                           echoes, signal units)
 ``<prefix>_desc-<m>_mask.nii.gz``         the foreground mask that was trained and fitted
+``<prefix>_desc-<m>_ambiguous.nii.gz``    1 where the likelihood cannot tell water from fat
+                                          (the two candidates' NLLs differ by at most
+                                          ``ambiguity_nats``); dual and fit only
 ========================================  =====================================================
+
+The summary ``<prefix>_desc-<m>_cse.json`` holds ``AmbiguousVoxels``/``AmbiguousFraction``
+and the readout (``ReadoutPolarity``, ``EvenEchoGain`` and how they were decided).
 
 All in the input's grid and affine (float32; the mask and choice uint8), each with a JSON
 sidecar stating units, σ and how it was estimated, method and (networks) the training-curve
@@ -31,7 +37,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import save_nifti, write_json
-from .fit import FitOptions, fit_two_start
+from .bipolar import AUTO_MIN_DEVIATION, READOUTS, estimate_even_echo_gain, readout_from_metadata
+from .fit import FitOptions, fit_two_start, granted_threads
 from .networks import TrainOptions, predict, train_networks
 from .noise import estimate_sigma, foreground_mask
 from .series import MultiEchoSeries
@@ -56,6 +63,12 @@ class CseOptions:
     likelihood holds no information on the side there, and the tie is resolved towards the
     water-dominant solution (most tissue) identically for every method, instead of by the
     rounding noise of each.
+    ``ambiguity_nats``: voxels whose two candidates' NLLs differ by at most this are flagged
+    ambiguous (None: the 3-echo default with 3 echoes, else 0.5; see ``AMBIGUITY_NATS``).
+    ``readout``: ``auto`` (the sidecar decides, else the odd/even factor is estimated and
+    kept only if it is significant and ≥ 2 % from 1), ``bipolar`` (always estimated) or
+    ``monopolar`` (factor 1). ``even_echo_gain``: a given factor (skips the estimate).
+    ``threads``: CPU threads granted (0: all this process may use; capped at those).
     """
 
     method: str = "dual"
@@ -63,6 +76,9 @@ class CseOptions:
     mask_threshold: float = 0.1
     smooth_choice: int = 0
     tie_margin: float | None = None
+    ambiguity_nats: float | None = None
+    readout: str = "auto"
+    even_echo_gain: float | None = None
     train: TrainOptions = field(default_factory=TrainOptions)
     fit: FitOptions = field(default_factory=FitOptions)
     threads: int = 0
@@ -73,6 +89,8 @@ class CseOptions:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.smooth_choice < 0 or (self.smooth_choice and self.smooth_choice % 2 == 0):
             raise ValueError("smooth_choice must be 0 or an odd size")
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +106,7 @@ class CseResult:
     choice: np.ndarray
     nll: np.ndarray
     mask: np.ndarray
+    ambiguous: np.ndarray | None
     sigma: float
     sigma_info: dict[str, Any]
     method: str
@@ -143,30 +162,40 @@ def run_cse(series: MultiEchoSeries, options: CseOptions | None = None,
     t_prep = time.perf_counter() - t0
     vox = np.asarray(data[mask], dtype=np.float32)
     te, b0 = series.te_ms, series.field_t
-    margin = opts.tie_margin if opts.tie_margin is not None else \
-        (0.5 if series.n_echo <= 3 else 0.0)
-    info: dict[str, Any] = {"tie_margin": margin}
+    margin = opts.tie_margin if opts.tie_margin is not None else default_tie_margin(series.n_echo)
+    amb_nats = opts.ambiguity_nats if opts.ambiguity_nats is not None else \
+        default_ambiguity_nats(series.n_echo)
+    threads = granted_threads(opts.threads) if opts.device == "cpu" else 1
+    info: dict[str, Any] = {"tie_margin": margin, "ambiguity_nats": amb_nats,
+                            "threads": threads}
     seconds = {"preparation": t_prep}
+    fo = FitOptions(**{**opts.fit.as_dict(), "device": opts.device,
+                       "threads": opts.fit.threads or opts.threads})
+    t1 = time.perf_counter()
+    gain, info["readout"] = decide_readout(series, opts, vox, sigma, fo, path=src)
+    seconds["readout"] = time.perf_counter() - t1
+    ambiguous = None
     if opts.method == "fit":
-        fo = opts.fit if opts.fit.device == opts.device else \
-            FitOptions(**{**opts.fit.as_dict(), "device": opts.device})
-        res = fit_two_start(vox, te, b0, sigma, options=fo)
-        fat = choose_candidates(res.nll_water, res.nll_fat, mask, 0, margin)
+        res = fit_two_start(vox, te, b0, sigma, options=fo, even_echo_gain=gain)
+        fat = choose_candidates(res.nll_water, res.nll_fat, mask, opts.smooth_choice, margin)
+        ambiguous = np.abs(res.nll_water - res.nll_fat) <= amb_nats
         best = np.where(fat[:, None], res.params_fat, res.params_water)
         res.s0, res.pdff, res.r2star_per_s = best[:, 0], best[:, 1], best[:, 2]
         res.nll = np.where(fat, res.nll_fat, res.nll_water)
         s0, pd, r2, nll = res.s0, res.pdff, res.r2star_per_s, res.nll
         seconds["fit"] = res.seconds
         info["fit"] = {"options": fo.as_dict(), "voxels_per_s": res.voxels_per_s,
-                       "mean_iterations": res.mean_iterations,
+                       "mean_iterations": res.mean_iterations, "threads": res.threads,
                        "description": "two-start (water PDFF in [0, b], fat in [b, 1]) "
                                       "box-constrained Levenberg-Marquardt on the Rician NLL"}
+        info["choice"] = {"smooth": opts.smooth_choice,
+                          "fat_fraction_of_voxels": float(np.mean(fat))}
     else:
         kinds = ("water", "fat") if opts.method == "dual" else ("single",)
-        to = opts.train if opts.train.device == opts.device else \
-            TrainOptions(**{**opts.train.as_dict(), "device": opts.device})
-        nets, report = train_networks(vox, te, b0, sigma, kinds, options=to)
-        pred = predict(nets, vox, te, b0, sigma, threads=opts.threads)
+        to = TrainOptions(**{**opts.train.as_dict(), "device": opts.device})
+        nets, report = train_networks(vox, te, b0, sigma, kinds, options=to,
+                                      even_echo_gain=gain)
+        pred = predict(nets, vox, te, b0, sigma, threads=threads, even_echo_gain=gain)
         seconds["training"] = report.seconds
         seconds["inference"] = pred.seconds
         info["training"] = report.as_dict(curve=False)
@@ -176,6 +205,7 @@ def run_cse(series: MultiEchoSeries, options: CseOptions | None = None,
         if opts.method == "dual":
             w, f = pred.get("water"), pred.get("fat")
             fat = choose_candidates(w["nll"], f["nll"], mask, opts.smooth_choice, margin)
+            ambiguous = np.abs(w["nll"] - f["nll"]) <= amb_nats
             s0 = np.where(fat, f["s0"], w["s0"])
             pd = np.where(fat, f["pdff"], w["pdff"])
             r2 = np.where(fat, f["r2star_per_s"], w["r2star_per_s"])
@@ -188,10 +218,77 @@ def run_cse(series: MultiEchoSeries, options: CseOptions | None = None,
             fat = pd >= opts.train.boundary
     vol = lambda v, dt=np.float32: _to_volume(v, mask, dt)  # noqa: E731
     choice = np.where(fat, 2, 1).astype(np.uint8)
+    if ambiguous is not None:
+        info["ambiguous_voxels"] = int(ambiguous.sum())
     seconds["total"] = time.perf_counter() - t0
     return CseResult(pdff=vol(pd), r2star_per_s=vol(r2), s0=vol(s0), choice=vol(choice, np.uint8),
-                     nll=vol(nll), mask=mask, sigma=sigma, sigma_info=sigma_info,
-                     method=opts.method, info=info, seconds=seconds)
+                     nll=vol(nll), mask=mask,
+                     ambiguous=None if ambiguous is None else vol(ambiguous, np.uint8),
+                     sigma=sigma, sigma_info=sigma_info, method=opts.method, info=info,
+                     seconds=seconds)
+
+
+#: 3-echo tie margin and ambiguity threshold (nats), chosen on the 3-echo in-silico grid
+#: (bench/bench_cse_eval.py --three-echo: tuned on seed 1, reported on seed 2)
+TIE_MARGIN_3ECHO = 0.5
+AMBIGUITY_NATS_3ECHO = 0.5
+AMBIGUITY_NATS = 0.5
+
+
+def default_tie_margin(n_echo: int) -> float:
+    """Nats by which the fat-dominant candidate must win (3 echoes: see the constants)."""
+    return TIE_MARGIN_3ECHO if n_echo <= 3 else 0.0
+
+
+def default_ambiguity_nats(n_echo: int) -> float:
+    """NLL difference (nats) at or below which a voxel's water/fat side is flagged ambiguous."""
+    return AMBIGUITY_NATS_3ECHO if n_echo <= 3 else AMBIGUITY_NATS
+
+
+def decide_readout(series: MultiEchoSeries, opts: CseOptions, vox: np.ndarray, sigma: float,
+                   fit_options: FitOptions, path: Any = None) -> tuple[float, dict[str, Any]]:
+    """Even-echo amplitude factor of the series and a record of how it was decided."""
+    meta_pol, meta_src = readout_from_metadata(series.metadata)
+    if opts.even_echo_gain is not None:
+        g = float(opts.even_echo_gain)
+        if not 0.2 <= g <= 5.0:
+            raise InputError(f"even-echo gain {g} is implausible (expected near 1)", path=path)
+        return g, {"ReadoutPolarity": "bipolar" if g != 1.0 else "monopolar",
+                   "EvenEchoGain": g, "source": "given (--even-echo-gain)"}
+    if opts.readout != "auto":
+        pol, src = opts.readout, f"given (--readout {opts.readout} / cse.readout)"
+    elif meta_pol is not None:
+        pol, src = meta_pol, meta_src
+    else:
+        pol, src = None, meta_src
+    if pol == "monopolar":
+        return 1.0, {"ReadoutPolarity": "monopolar", "EvenEchoGain": 1.0, "source": src}
+    if series.n_echo < 4:
+        return 1.0, {"ReadoutPolarity": pol or "unknown", "EvenEchoGain": 1.0, "source": src,
+                     "note": "fewer than 4 echoes: an odd/even factor is not identifiable "
+                             "beside S0, PDFF and R2*; not modelled"}
+    if pol is None:  # auto, nothing in the sidecar: a one-fit score screen first
+        scr = estimate_even_echo_gain(vox, series.te_ms, series.field_t, sigma,
+                                      options=fit_options, max_voxels=5000, screen=True)
+        if not (scr["significant"] and abs(scr["gain"] - 1.0) >= AUTO_MIN_DEVIATION / 2):
+            return 1.0, {"ReadoutPolarity": "monopolar (assumed)", "EvenEchoGain": 1.0,
+                         "source": src, "screen": scr,
+                         "rule": "auto: score test at gain 1 on 5000 voxels not significant "
+                                 f"(p >= 0.001) or one-step gain within "
+                                 f"{AUTO_MIN_DEVIATION / 2} of 1"}
+    est = estimate_even_echo_gain(vox, series.te_ms, series.field_t, sigma,
+                                  options=fit_options)
+    out = {"source": src, "estimate": est,
+           "method": "profile maximum likelihood over the brighter half of the foreground "
+                     "(two-start fit per factor, secant iterations)"}
+    if pol == "bipolar":
+        return est["gain"], {"ReadoutPolarity": "bipolar", "EvenEchoGain": est["gain"], **out}
+    keep = est["significant"] and abs(est["gain"] - 1.0) >= AUTO_MIN_DEVIATION
+    g = est["gain"] if keep else 1.0
+    return g, {"ReadoutPolarity": "bipolar (estimated)" if keep else "monopolar (assumed)",
+               "EvenEchoGain": g, **out,
+               "rule": f"auto: kept if the likelihood-ratio test is significant (p < 0.001) and "
+                       f"|gain - 1| >= {AUTO_MIN_DEVIATION}"}
 
 
 def _to_volume(v: np.ndarray, mask: np.ndarray, dtype: Any) -> np.ndarray:
@@ -220,8 +317,11 @@ def write_outputs(result: CseResult, series: MultiEchoSeries, out_dir: str | Pat
         "NoiseSigma": result.sigma,
         "NoiseSigmaUnits": "signal units (SD of the complex Gaussian noise)",
         "NoiseSigmaEstimation": result.sigma_info,
-        "SignalModel": "S(t) = S0 |(1 - PDFF) + PDFF sum_k a_k exp(i 2 pi f_k t)| exp(-R2* t), "
-                       "6-peak fat spectrum (qmriflow.physics.FatSpectrum)",
+        "SignalModel": "S(t_n) = g_n S0 |(1 - PDFF) + PDFF sum_k a_k exp(i 2 pi f_k t_n)| "
+                       "exp(-R2* t_n), 6-peak fat spectrum (qmriflow.physics.FatSpectrum); "
+                       "g_n = 1 on odd echoes, EvenEchoGain on even echoes",
+        "ReadoutPolarity": ((result.info or {}).get("readout") or {}).get("ReadoutPolarity"),
+        "EvenEchoGain": ((result.info or {}).get("readout") or {}).get("EvenEchoGain", 1.0),
         "MaskVoxels": int(result.mask.sum()),
         "Seconds": result.seconds,
         **({"Details": result.info} if result.info else {}),
@@ -249,6 +349,18 @@ def write_outputs(result: CseResult, series: MultiEchoSeries, out_dir: str | Pat
                  {"Units": "label", "Description": "foreground mask (first echo threshold, "
                                                    "holes filled)"}),
     }
+    amb_n = None
+    if result.ambiguous is not None:
+        amb_n = int(result.ambiguous[result.mask].sum())
+        nats = (result.info or {}).get("ambiguity_nats")
+        maps["ambiguous"] = (
+            f"{pre}_desc-{m}_ambiguous.nii.gz", result.ambiguous, np.uint8,
+            {"Units": "label", "Levels": {"0": "decided (or background)",
+                                          "1": "ambiguous: the likelihood cannot tell water "
+                                               "from fat"},
+             "Description": "voxels whose water- and fat-dominant candidates' Rician NLLs "
+                            f"differ by at most {nats} nats",
+             "AmbiguousVoxels": amb_n})
     paths: dict[str, Path] = {}
     for key, (name, arr, dt, side) in maps.items():
         paths[key] = save_nifti(out / name, arr, series.affine, {**side, **common}, dtype=dt)
@@ -258,6 +370,9 @@ def write_outputs(result: CseResult, series: MultiEchoSeries, out_dir: str | Pat
         "seconds": result.seconds,
         "pdff_median_in_mask": float(np.median(result.pdff[result.mask])),
         "r2star_median_in_mask": float(np.median(result.r2star_per_s[result.mask])),
+        "AmbiguousVoxels": amb_n,
+        "AmbiguousFraction": None if amb_n is None else amb_n / max(int(result.mask.sum()), 1),
+        "Readout": (result.info or {}).get("readout"),
     }
     paths["summary"] = write_json(out / f"{pre}_desc-{m}_cse.json", summary)
     return paths

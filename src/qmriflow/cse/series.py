@@ -92,11 +92,14 @@ def validate_echo_times(te_s: Any, path: str | Path) -> np.ndarray:
             f"{te.size} echo(es): a fat/water (PDFF, R2*, S0) fit needs at least {MIN_ECHOES}",
             path=path)
     ms = ", ".join(f"{v * 1000:.4g}" for v in te)
+    given = ", ".join(f"{v:.6g}" for v in te)  # the user's own values, as written
     if not np.all(np.isfinite(te)) or np.any(te <= 0):
-        raise InputError(f"echo times must be positive and finite, got [{ms}] ms", path=path)
-    if np.any(te > 1.0):
-        raise InputError(f"echo times must be in seconds, got [{ms}] ms (values above 1 s)",
+        raise InputError(f"echo times must be positive and finite, got EchoTime [{given}] s",
                          path=path)
+    if np.any(te > 1.0):
+        raise InputError(f"echo times must be in seconds, got EchoTime [{given}] (values above "
+                         "1 s: milliseconds? write the sidecar's EchoTime in seconds, e.g. "
+                         f"{te[0] / 1000:.6g})", path=path)
     d = np.diff(te)
     if np.any(d == 0):
         raise InputError(f"duplicate echo times [{ms}] ms", path=path)
@@ -111,8 +114,9 @@ def _field(meta: dict[str, Any], field_t: float | None, path: Path) -> float:
     else:
         b0 = meta.get("MagneticFieldStrength")
         if b0 is None:
-            raise InputError("MagneticFieldStrength missing from the sidecar (give the field "
-                             "strength explicitly)", path=_sidecar(path))
+            raise InputError("MagneticFieldStrength missing from the sidecar: add the key "
+                             "(tesla) to the sidecar or pass --field-strength (qmriflow cse-fit)",
+                             path=_sidecar(path))
         try:
             b0 = float(b0)
         except (TypeError, ValueError):
