@@ -23,7 +23,8 @@ rule cse:
         outdir=lambda w, output: Path(output.pdff).parent,
         prefix=lambda w: f"sub-{w.subject}_ses-{w.session}_acq-{w.acq}",
         run=(f"--method {CSE['method']} --device {CSE['device']} "
-             f"--smooth-choice {CSE['smooth_choice']} --seed {CSE['seed']}"),
+             f"--smooth-choice {CSE['smooth_choice']} --seed {CSE['seed']} "
+             f"--readout {CSE.get('readout', 'auto')}"),
         flags=session_flags,
     benchmark:
         WORK / "benchmarks" / "cse" / f"{SES}_acq-{{acq}}.tsv"
