@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 import yaml
 
-from .conftest import REPO, tool_env
+from .conftest import REPO, tool_env, tool_missing
 
 pytestmark = pytest.mark.slow
 
@@ -77,9 +77,9 @@ def slurm(request, tmp_path_factory):
     sc = _load_cluster_module()
     reason = sc.ensure_installed()
     if reason:
-        pytest.skip(f"no SLURM test cluster: {reason}")
+        tool_missing(f"no SLURM test cluster: {reason}")
     if os.geteuid() != 0:
-        pytest.skip("no SLURM test cluster: slurmd must run as root to start jobs")
+        tool_missing("no SLURM test cluster: slurmd must run as root to start jobs")
     root = tmp_path_factory.mktemp("slurm")
     if len(str(root / "munge" / "munge.socket")) > 100:  # sockaddr_un holds 108 bytes
         root = Path(tempfile.mkdtemp(prefix="qslurm-"))
