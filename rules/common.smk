@@ -54,15 +54,18 @@ def final_outputs(wildcards):
 
 def session_outputs(wildcards):
     """Every per-session output of the whole workflow for one session: the input of its
-    completion marker (rules/done.smk). PRE, STATS_TSV and REPORTS come from the model and
-    statistics rule files."""
+    completion marker (rules/done.smk). PRE, STATS_TSV and SESSION_REPORT come from the model
+    and statistics rule files."""
     one = {"subject": wildcards.subject, "session": wildcards.session}
     patterns = [*FINAL_PATTERNS, *(f"{PRE}_{m}.nii.gz" for m in ("T1map", "T2map", "PDmap")),
-                STATS_TSV, REPORTS / f"{SES}.html"]
-    label = SES.format(**one)
-    return [str(p).format(**one) for p in patterns] + [
-        t for t in cse_outputs(wildcards) if Path(t).name.startswith(f"{label}_")
-    ]
+                STATS_TSV, SESSION_REPORT]
+    return [str(p).format(**one) for p in patterns] + session_cse(wildcards)
+
+
+def session_cse(wildcards):
+    """The PDFF maps of one session's multi-echo GRE series (an input of its QC page)."""
+    label = SES.format(subject=wildcards.subject, session=wildcards.session)
+    return [t for t in cse_outputs(wildcards) if Path(t).name.startswith(f"{label}_")]
 
 
 def done_outputs(wildcards):
@@ -104,7 +107,7 @@ def stats_outputs(wildcards):
     """Targets of rules/stats.smk: every session's tissue table and QC
     page, the cohort tables, the reproducibility table (if enabled) and the cohort page."""
     targets = session_targets(ANAT / f"{SES}_space-T2w_desc-tissue_stats.tsv")
-    targets += session_targets(OUT / "reports" / f"{SES}.html")
+    targets += session_targets(OUT / f"{SES}.html")  # QC pages beside sub-*/, as fMRIPrep
     targets += [str(OUT / "group" / "cohort_tissue_stats.tsv"),
                 str(OUT / "reports" / "cohort.html")]
     if config["stats"]["repro"]:

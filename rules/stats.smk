@@ -5,6 +5,9 @@
 STATS = config["stats"]
 GROUP = OUT / "group"
 REPORTS = OUT / "reports"
+# one QC page per session at the top of the derivatives, named and placed as the NiPreps
+# (fMRIPrep, NiBabies, QSIPrep) place theirs; the cohort page stays in reports/
+SESSION_REPORT = OUT / f"{SES}.html"
 SESSION_DIR = OUT / "sub-{subject}" / "ses-{session}"
 STATS_TSV = ANAT / f"{SES}_space-T2w_desc-tissue_stats.tsv"
 HIST_TSV = ANAT / f"{SES}_space-T2w_desc-tissue_hist.tsv"
@@ -45,6 +48,7 @@ rule cohort:
     input:
         tsvs=lambda w: session_targets(STATS_TSV),
         hists=lambda w: session_targets(HIST_TSV),
+        cse=cse_outputs,
     output:
         table=report(GROUP / "cohort_tissue_stats.tsv", caption="report/cohort_table.rst",
                      category="Cohort"),
@@ -62,6 +66,8 @@ rule cohort:
                            category="Cohort"),
         box_cluster=report(GROUP / "box_cluster.png", caption="report/box_groups.rst",
                            category="Cohort"),
+        cse=report(GROUP / "cohort_cse_stats.tsv", caption="report/cse_table.rst",
+                   category="Cohort"),
         prov=PROV / "cohort.json",
     params:
         outdir=GROUP,
@@ -78,7 +84,7 @@ rule cohort:
         CPU_IMAGE
     shell:
         "qmriflow cohort {params.outdir:q} {input.tsvs:q} {params.run} "
-        "--provenance {output.prov:q} &> {log:q}"
+        "--cse-maps {input.cse:q} --provenance {output.prov:q} &> {log:q}"
 
 
 rule repro:
@@ -123,8 +129,9 @@ rule report_session:
         images=[ANAT / f"{SES}_space-T2w_desc-preproc_{c}.nii.gz" for c in ("T1w", "T2w", "FLAIR")],
         provenance=SESSION_DIR / f"{SES}_desc-provenance.json",
         infer=PROV / f"{SES}_infer.json",
+        cse=session_cse,
     output:
-        report(REPORTS / f"{SES}.html", caption="report/session_report.rst",
+        report(SESSION_REPORT, caption="report/session_report.rst",
                category="Sessions", subcategory="QC pages"),
     params:
         sdir=lambda w: SESSION_DIR.as_posix().format(subject=w.subject, session=w.session),

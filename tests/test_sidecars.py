@@ -45,18 +45,19 @@ def test_dataset_ref_inside_and_outside(tmp_path):
     assert dataset_root_of(tmp_path / "loose.nii.gz") is None
 
 
-@pytest.fixture(scope="module")
-def derivatives(tmp_path_factory) -> dict[str, Path]:
-    """A tiny session run through skull strip, segmentation (CLI, relative paths), inference
-    with a checkpoint outside the dataset, synthesis and the provenance merge."""
+def build_session(base: Path, root: Path, sub: str, ses: str, seed: int,
+                  ckpt: Path) -> dict[str, Path]:
+    """A tiny session run through the real writers: skull strip, segmentation (CLI,
+    relative paths), inference with the checkpoint ``ckpt`` (outside the dataset),
+    synthesis and the provenance merge, into ``root`` (the derivatives), the per-step
+    provenance into ``base/work/provenance``."""
     import os
 
-    base = tmp_path_factory.mktemp("sidecars")
-    root = base / "results"
-    sdir = write_tiny_session(root, SUB, SES, seed=3, snr=np.inf)
+    label = f"sub-{sub}_ses-{ses}"
+    sdir = write_tiny_session(root, sub, ses, seed=seed, snr=np.inf)
     anat = sdir / "anat"
-    pre = anat / f"{LABEL}_space-T2w"
-    work = base / "work" / "provenance"
+    pre = anat / f"{label}_space-T2w"
+    work = base / "work" / "provenance" / label
     mp = pytest.MonkeyPatch()
     try:
         # skull strip: the network replaced by the tiny session's own brain mask
@@ -80,26 +81,40 @@ def derivatives(tmp_path_factory) -> dict[str, Path]:
         rel = Path(os.path.relpath(pre, base))
         assert main(["segment", f"{rel}_desc-preproc_T1w.nii.gz",
                      f"{rel}_desc-brain_mask.nii.gz", "--out-prefix", str(rel),
-                     "--t2w", f"{rel}_desc-preproc_T2w.nii.gz", "--subject", SUB,
-                     "--session", SES, "--provenance", str(work / "segment.json")]) == 0
-        # inference with a checkpoint outside the dataset
-        torch.manual_seed(0)
-        ckpt = base / "elsewhere" / "model.pt"
-        save_checkpoint(ckpt, {"format": FORMAT, "width": 8, "epoch": 0,
-                               "state_dict": SharedAttnUNet(8).state_dict(),
-                               "hyperparameters": {"scaling": "calibrated"}})
+                     "--t2w", f"{rel}_desc-preproc_T2w.nii.gz", "--subject", sub,
+                     "--session", ses, "--provenance", str(work / "segment.json")]) == 0
         info = infer_session(sdir, ckpt, anat, device="cpu", precision="fp32", threads=1)
         write_step(work / "infer.json", "infer", info)
-        maps = map_paths(anat, LABEL)
+        maps = map_paths(anat, label)
         synthesise_files(maps["T1map"], maps["T2map"], maps["PDmap"], sequence="gre",
                          tr_ms=20.0, te_ms=4.0, ti_ms=None, fa_deg=20.0, te_correction=None,
-                         out=anat / f"{LABEL}_desc-synth_T1w.nii.gz")
-        assert main(["provenance", str(sdir / f"{LABEL}_desc-provenance.json"),
+                         out=anat / f"{label}_desc-synth_T1w.nii.gz")
+        assert main(["provenance", str(sdir / f"{label}_desc-provenance.json"),
                      str(work / "skullstrip.json"), str(work / "segment.json"),
-                     str(work / "infer.json"), "--label", LABEL]) == 0
+                     str(work / "infer.json"), "--label", label]) == 0
     finally:
         mp.undo()
-    return {"base": base, "root": root, "sdir": sdir, "ckpt": ckpt, "work": work}
+    return {"sdir": sdir, "work": work}
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    torch.manual_seed(0)
+    save_checkpoint(path, {"format": FORMAT, "width": 8, "epoch": 0,
+                           "state_dict": SharedAttnUNet(8).state_dict(),
+                           "hyperparameters": {"scaling": "calibrated"}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def derivatives(tmp_path_factory) -> dict[str, Path]:
+    """A tiny session run through skull strip, segmentation (CLI, relative paths), inference
+    with a checkpoint outside the dataset, synthesis and the provenance merge."""
+    base = tmp_path_factory.mktemp("sidecars")
+    root = base / "results"
+    ckpt = tiny_checkpoint(base / "elsewhere" / "model.pt")
+    made = build_session(base, root, SUB, SES, 3, ckpt)
+    return {"base": base, "root": root, "sdir": made["sdir"], "ckpt": ckpt,
+            "work": made["work"]}
 
 
 def test_no_sidecar_holds_a_path_of_this_machine(derivatives):

@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -282,7 +283,8 @@ def test_too_many_clusters_says_so():
         cluster_protocols(df, k=9)
     res = cluster_protocols(df, k=9, reduce_k=True)
     assert res.k == 3 and len(set(res.labels)) == 3
-    assert any("only 3 distinct" in w for w in res.warnings)
+    # adapting k to a small cohort is no fault: a note, not a warning (issue 24 finding 10)
+    assert res.warnings == [] and any("k = 3" in n for n in res.notes)
 
 
 def test_cohort_tables_and_intergroup_cv(tmp_path):
@@ -303,7 +305,8 @@ def test_cohort_tables_and_intergroup_cv(tmp_path):
     cohort = load_cohort([group / "cohort_tissue_stats.tsv"])
     assert len(cohort) == 15 and set(cohort.tissue) == {"WM", "GM", "CSF"}
     meta = json.loads((group / "cohort.json").read_text())
-    assert meta["k"] == 3 and any("only 3 distinct" in w for w in meta["warnings"])
+    assert meta["k"] == 3 and not any("clusters" in w for w in meta["warnings"])
+    assert any("k = 3" in n for n in meta["notes"])
     # WM T1 session means 0.90, 0.92, 0.94, 0.96, 1.00; by scanner: Achieva 0.91,
     # Ingenia 0.95, Elition 1.00 -> CV = SD / mean of those three
     cv = pd.read_csv(group / "intergroup_cv.tsv", sep="\t")
@@ -388,8 +391,9 @@ def test_reproducibility_recovers_after_head_shift(phantom_subject, tmp_path):
 
     rdir = tmp_path / "repro"
     assert main(["repro", str(rdir), str(s3), str(s1b), "--threads", "2"]) == 0
-    table = pd.read_csv(rdir / "reproducibility.tsv", sep="\t", dtype={"first_session": str})
-    assert set(table.first_session) == {"V01"} and len(table) == 3
+    table = pd.read_csv(rdir / "reproducibility.tsv", sep="\t")
+    assert set(table.first_session_id) == {"ses-V01"} and len(table) == 3
+    assert set(table.participant_id) == {"sub-S001"}
     moved_reg = json.loads((rdir / "reproducibility.json").read_text())["registration"][0]
     png = rdir / "sub-S001_ses-V02_to-ses-V01_repro.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -512,3 +516,301 @@ def test_session_and_cohort_reports(tmp_path):
     assert counts["maps"] > 20_000, counts
     assert counts["maps"] > 5 * max(counts["nomaps"], 1), counts
     assert counts["cohort"] > 1_000, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# readable reports (issue 24 finding 10) and fat/water in the reports (issue 25 item 4)
+# ---------------------------------------------------------------------------------------------
+
+#: dimensionless columns (no unit in their header)
+UNITLESS = {"Pearson r", "CCC", "TE factor"}
+
+
+class _TableParser(HTMLParser):
+    """Every <table> of a page as (headers, rows of cell texts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[tuple[list[str], list[list[str]]]] = []
+        self._cell: list[str] | None = None
+        self._row: list[str] = []
+        self._head = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append(([], []))
+        elif tag in ("td", "th"):
+            self._cell, self._head = [], tag == "th"
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr" and self.tables:
+            heads, rows = self.tables[-1]
+            if self._head and not heads:
+                heads.extend(self._row)
+            elif self._row:
+                rows.append(self._row)
+            self._row = []
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    p = _TableParser()
+    p.feed(text)
+    return p.tables
+
+
+def _column(table: tuple[list[str], list[list[str]]], header: str) -> list[str]:
+    heads, rows = table
+    return [r[heads.index(header)] for r in rows]
+
+
+def _float(s: str) -> float | None:
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def add_cse(sdir: Path, sub: str, ses: str, seed: int, ambiguous: bool = False) -> dict:
+    """A multi-echo GRE series (water body PDFF 0.05 / R2* 60 1/s with a fat disc PDFF 0.9)
+    through the real two-start fit (``qmriflow cse-fit``) into the session's anat folder, and
+    (``ambiguous``) an ambiguity mask as the CSE step writes it."""
+    import nibabel as nib
+
+    from qmriflow.cli import main
+
+    from .test_cse import TE, _phantom_series, _write_4d
+
+    data, _body, _fat = _phantom_series(shape=(40, 36, 3), sigma=0.01, seed=seed)
+    f = sdir.parent.parent / f"echoes_{sub}_{ses}.nii.gz"
+    _write_4d(f, data, [t / 1000 for t in TE])
+    pre = f"sub-{sub}_ses-{ses}_acq-7"
+    anat = sdir / "anat"
+    assert main(["cse-fit", str(f), "--out", str(anat), "--prefix", pre, "--method", "fit",
+                 "--mask-threshold", "0.2", "--subject", sub, "--session", ses,
+                 "--threads", "1"]) == 0
+    f.unlink()
+    f.with_name(f.name.replace(".nii.gz", ".json")).unlink()
+    mask = np.asarray(nib.load(anat / f"{pre}_desc-fit_mask.nii.gz").dataobj) > 0
+    out = {"prefix": pre, "mask_voxels": int(mask.sum())}
+    amb_file = anat / f"{pre}_desc-fit_ambiguous.nii.gz"
+    if ambiguous:
+        amb = np.zeros(mask.shape, np.uint8)
+        amb[8:14, 10:14, :] = 1
+        save_nifti(amb_file, amb, np.diag([2.0, 2.0, 3.0, 1.0]), {"Units": "label"},
+                   dtype=np.uint8)
+        out["ambiguous_fraction"] = float((amb.astype(bool) & mask).sum() / mask.sum())
+    elif amb_file.exists():  # a CSE step that writes the mask itself: not this series
+        amb_file.unlink()
+        amb_file.with_name(amb_file.name.replace(".nii.gz", ".json")).unlink(missing_ok=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cohort_pages(tmp_path_factory) -> dict:
+    """4 sessions, 2 scanners, 3 distinct protocols (A and B share one), fat/water series in
+    A (with an ambiguity mask) and B; session pages at the top of the derivatives; the cohort
+    step with its default k = 9, its printed lines kept."""
+    import contextlib
+
+    from qmriflow.cli import main
+
+    base = tmp_path_factory.mktemp("pages")
+    out = base / "results"
+    specs = [("A", "Achieva", 4000, 0.00), ("B", "Achieva", 4000, 0.02),
+             ("C", "Ingenia", 4300, 0.04), ("D", "Ingenia", 4600, 0.06)]
+    cse = {}
+    for i, (sub, scanner, tr, off) in enumerate(specs):
+        s = make_session(out, sub, "1", scanner=scanner, t2w_tr=tr, t1_offset=off,
+                         synth=sub == "A")
+        assert main(["stats", str(s["dir"]), "--subject", sub, "--session", "1"]) == 0
+        if sub in ("A", "B"):
+            cse[sub] = add_cse(s["dir"], sub, "1", seed=i, ambiguous=sub == "A")
+        assert main(["report", str(s["dir"]), str(out / f"sub-{sub}_ses-1.html"),
+                     "--subject", sub, "--session", "1"]) == 0
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["cohort", str(out / "group"), "--results-dir", str(out)]) == 0
+    html_c = out / "reports" / "cohort.html"
+    assert main(["report-cohort", str(out / "group"), str(html_c)]) == 0
+    return {"out": out, "group": out / "group", "stdout": buf.getvalue(), "cse": cse,
+            "session": (out / "sub-A_ses-1.html").read_text(),
+            "session_b": (out / "sub-B_ses-1.html").read_text(),
+            "cohort": html_c.read_text(), "cohort_html": html_c}
+
+
+def test_cluster_count_adapts_to_the_protocols_without_warning(cohort_pages):
+    assert "warning" not in cohort_pages["stdout"].lower(), cohort_pages["stdout"]
+    meta = json.loads((cohort_pages["group"] / "cohort.json").read_text())
+    assert meta["k_requested"] == 9 and meta["k"] == 3 and meta["n_distinct_protocols"] == 3
+    assert meta["warnings"] == []
+    assert "No warnings." in cohort_pages["cohort"]
+    assert "3 protocol cluster(s), numbered 1..3" in cohort_pages["cohort"]
+
+
+def test_dendrogram_leaves_carry_the_cluster_numbers_of_the_tables(cohort_pages, tmp_path,
+                                                                   monkeypatch):
+    from qmriflow.stats import figures
+    from qmriflow.stats.pipeline import run_cohort
+
+    drawn: dict[str, list[str]] = {}
+    real_png = figures._png
+
+    def keep(fig, *a, **k):
+        for ax in fig.axes:
+            if ax.get_title().startswith("Protocol clustering"):
+                drawn["leaves"] = [t.get_text() for t in ax.get_xticklabels()]
+        return real_png(fig, *a, **k)
+
+    monkeypatch.setattr(figures, "_png", keep)
+    tsvs = sorted(cohort_pages["out"].glob("sub-*/ses-*/anat/*_desc-tissue_stats.tsv"))
+    run_cohort(tsvs, tmp_path / "g", k=9)
+    clusters = pd.read_csv(tmp_path / "g" / "protocol_clusters.tsv", sep="\t")
+    assert sorted(clusters.protocol_cluster) == [1, 1, 2, 3]  # A and B share a protocol
+    # one leaf per session, labelled with its cluster as numbered in the tables (1..k)
+    assert sorted(int(t.split()[0]) for t in drawn["leaves"]) == [1, 1, 2, 3], drawn
+    cent = pd.read_csv(tmp_path / "g" / "protocol_cluster_centroids.tsv", sep="\t")
+    assert cent.cluster.tolist() == [1, 2, 3]
+
+
+def test_every_report_table_states_its_units(cohort_pages):
+    pages = {"session": cohort_pages["session"], "cohort": cohort_pages["cohort"]}
+    n_tables = 0
+    for name, text in pages.items():
+        for heads, rows in _tables(text):
+            n_tables += 1
+            for j, h in enumerate(heads):
+                cells = [r[j] for r in rows if j < len(r) and r[j] != "n/a"]
+                vals = [_float(c) for c in cells]
+                if cells and all(v is not None for v in vals) and any(
+                        v != int(v) for v in vals if np.isfinite(v)):
+                    assert re.search(r"\[.+\]", h) or h in UNITLESS, (name, h, heads)
+    assert n_tables >= 7
+    # T1/T2 in ms in both the population and the inter-group CV tables: WM session means
+    # 0.90/0.92 (Achieva) and 0.94/0.96 s (Ingenia)
+    tabs = _tables(cohort_pages["cohort"])
+    pop = next(t for t in tabs if "T1 mean [ms]" in t[0] and "T1 SD [ms]" in t[0])
+    wm = _column(pop, "tissue").index("WM")
+    assert float(_column(pop, "T1 mean [ms]")[wm]) == pytest.approx(930, abs=0.5)
+    cv = next(t for t in tabs if "T1 CV [%]" in t[0])
+    row = [i for i, (g, t) in enumerate(zip(_column(cv, "grouping"), _column(cv, "tissue"),
+                                            strict=True)) if g == "scanner_model" and t == "WM"]
+    assert float(_column(cv, "T1 mean of group means [ms]")[row[0]]) == pytest.approx(
+        930, abs=0.5)
+    gm = np.array([910.0, 950.0])
+    assert float(_column(cv, "T1 CV [%]")[row[0]]) == pytest.approx(
+        100 * gm.std(ddof=1) / gm.mean(), rel=1e-3)
+
+
+def test_csf_row_says_it_is_partial_volume_dominated(cohort_pages):
+    for text in (cohort_pages["session"], cohort_pages["cohort"]):
+        tissue_tables = [t for t in _tables(text) if t[0] and t[0][0] == "tissue"]
+        assert tissue_tables
+        for t in tissue_tables:
+            assert "CSF†" in _column(t, "tissue") and "CSF" not in _column(t, "tissue")
+        assert "CSF†: dseg label 3, not eroded" in text and "partial volumes" in text
+
+
+def _screenshot(page: Path, shot: Path, height: int = 12000) -> np.ndarray:
+    """RGB screenshot (0-1) of ``page`` in a headless Chromium window 1400 px wide."""
+    import os
+
+    import matplotlib.image as mpimg
+
+    chrome = _chromium()
+    if chrome is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but no headless Chromium installed")
+        pytest.skip("no headless Chromium")
+    proc = subprocess.run(
+        [chrome, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         f"--window-size=1400,{height}", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    return mpimg.imread(str(shot))[..., :3]
+
+
+def _colour_extent(img: np.ndarray) -> float:
+    """Widest horizontal span of colour pixels over the rows that cross a figure (rows with
+    >= 200 colour pixels), as a fraction of the window width."""
+    colour = (img.max(axis=2) - img.min(axis=2)) > 0.25
+    rows = colour.sum(axis=1) >= 200
+    if not rows.any():
+        return 0.0
+    cols = np.nonzero(colour[rows].any(axis=0))[0]
+    return float((cols.max() - cols.min() + 1) / img.shape[1])
+
+
+def test_pages_use_the_full_window_width(cohort_pages, tmp_path):
+    for name in ("sub-A_ses-1.html", "reports/cohort.html"):
+        img = _screenshot(cohort_pages["out"] / name, tmp_path / "shot.png")
+        assert _colour_extent(img) > 0.85, name
+
+
+def test_session_report_shows_pdff_r2star_choice_and_ambiguity(cohort_pages, tmp_path):
+    import matplotlib.image as mpimg
+
+    from qmriflow.cli import main
+
+    text = cohort_pages["session"]
+    assert "Fat/water (multi-echo GRE) acq-7 (fit)" in text
+    shown = {alt: base64.b64decode(b64) for alt, b64 in re.findall(
+        r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', text)}
+    fig = mpimg.imread(io.BytesIO(shown["fat/water acq-7 (fit)"]), format="png")[..., :3]
+    assert fig.shape[1] > 1000 and float(fig.std()) > 0.1  # a real figure, not blank
+    assert int(((fig.max(axis=2) - fig.min(axis=2)) > 0.25).sum()) > 20_000
+    tab = next(t for t in _tables(text) if "PDFF median [%]" in t[0])
+    assert tab[0][:3] == ["series", "method", "voxels"] and "R2* median [1/s]" in tab[0]
+    assert int(_column(tab, "voxels")[0]) == cohort_pages["cse"]["A"]["mask_voxels"]
+    # truth: body PDFF 5 %, R2* 60 1/s (the fat disc is a minority of the mask)
+    assert float(_column(tab, "PDFF median [%]")[0]) == pytest.approx(5.0, abs=1.0)
+    assert float(_column(tab, "R2* median [1/s]")[0]) == pytest.approx(60.0, abs=5.0)
+    assert float(_column(tab, "ambiguous [%]")[0]) == pytest.approx(
+        100 * cohort_pages["cse"]["A"]["ambiguous_fraction"], rel=1e-3)
+    tab_b = next(t for t in _tables(cohort_pages["session_b"]) if "PDFF median [%]" in t[0])
+    assert _column(tab_b, "ambiguous [%]") == ["n/a"]  # B has no ambiguity mask
+    # in a browser: the colour of a page without T1/T2/PD maps comes from the fat/water panels
+    out = cohort_pages["out"]
+    shutil.copytree(out / "sub-B", tmp_path / "res" / "sub-B")
+    anat = tmp_path / "res" / "sub-B" / "ses-1" / "anat"
+    for f in anat.glob("*_space-T2w_*map.nii.gz"):
+        f.unlink()
+    counts = {}
+    for name in ("cse", "nocse"):
+        if name == "nocse":
+            for f in anat.glob("*_acq-7_*"):
+                f.unlink()
+        page = tmp_path / f"{name}.html"
+        assert main(["report", str(tmp_path / "res" / "sub-B" / "ses-1"), str(page),
+                     "--subject", "B", "--session", "1"]) == 0
+        counts[name] = _colour_pixels_of(_screenshot(page, tmp_path / f"{name}.png"))
+    assert counts["cse"] > 20_000 and counts["cse"] > 5 * max(counts["nocse"], 1), counts
+
+
+def _colour_pixels_of(img: np.ndarray) -> int:
+    return int(((img.max(axis=2) - img.min(axis=2)) > 0.25).sum())
+
+
+def test_cohort_report_tabulates_pdff_and_r2star_per_series(cohort_pages):
+    table = pd.read_csv(cohort_pages["group"] / "cohort_cse_stats.tsv", sep="\t")
+    assert table.participant_id.tolist() == ["sub-A", "sub-B"]
+    assert table.acq.astype(str).tolist() == ["7", "7"] and set(table.method) == {"fit"}
+    assert table.PDFF_median.to_numpy() == pytest.approx([0.05, 0.05], abs=0.01)
+    assert table.R2star_median.to_numpy() == pytest.approx([60, 60], abs=5)
+    assert (table.PDFF_q25 <= table.PDFF_median).all()
+    assert (table.PDFF_median <= table.PDFF_q75).all()
+    side = json.loads((cohort_pages["group"] / "cohort_cse_stats.json").read_text())
+    assert side["PDFF_median"]["Units"] == "fraction (0-1)"
+    assert side["R2star_median"]["Units"] == "1/s"
+    tab = next(t for t in _tables(cohort_pages["cohort"]) if "PDFF median [%]" in t[0])
+    assert _column(tab, "participant_id") == ["sub-A", "sub-B"]
+    shown = [float(v) for v in _column(tab, "PDFF median [%]")]
+    assert shown == pytest.approx(100 * table.PDFF_median.to_numpy(), rel=1e-3)
+    assert [float(v) for v in _column(tab, "R2* median [1/s]")] == pytest.approx(
+        table.R2star_median.to_numpy(), rel=1e-3)

@@ -54,10 +54,15 @@ def _cohort_args(p: argparse.ArgumentParser) -> None:
                    help="fail when k exceeds the distinct protocols (default: lower k, warn)")
     p.add_argument("--min-group-size", type=int, default=1,
                    help="leave groups with fewer sessions out of the inter-group CV")
+    p.add_argument("--cse-maps", type=Path, nargs="*", default=[],
+                   help="PDFF maps (sub-X_ses-Y_acq-Z_desc-<method>_PDFFmap.nii.gz) to "
+                        "summarise in cohort_cse_stats.tsv (with --results-dir: also every "
+                        "one below it)")
     p.add_argument("--provenance", type=Path, help="write this step's provenance JSON here")
 
 
-@command("cohort", "cohort table, population summary, protocol clusters, inter-group CV")
+@command("cohort", "cohort table, population summary, protocol clusters, inter-group CV, "
+                   "PDFF/R2* per multi-echo series")
 @arguments(_cohort_args)
 def _cohort(a: argparse.Namespace) -> int:
     from .stats.pipeline import run_cohort
@@ -67,14 +72,23 @@ def _cohort(a: argparse.Namespace) -> int:
         tsvs += sorted(Path(a.results_dir).glob(
             "sub-*/ses-*/anat/*_space-T2w_desc-tissue_stats.tsv"))
     tsvs = sorted(set(tsvs))
+    cse = list(a.cse_maps)
+    if a.results_dir is not None:
+        from .stats.cse import find_cse_series
+
+        for d in sorted(Path(a.results_dir).glob("sub-*/ses-*/anat")):
+            cse += [s.pdff for s in find_cse_series(d, f"{d.parent.parent.name}_"
+                                                       f"{d.parent.name}")]
     hists = [Path(str(t).replace("_desc-tissue_stats.tsv", "_desc-tissue_hist.tsv"))
              for t in tsvs]
     meta = run_cohort(tsvs, a.out_dir, k=a.clusters, reduce_k=not a.strict_clusters,
                       hists=[h for h in hists if h.is_file()],
-                      min_group_size=a.min_group_size)
+                      min_group_size=a.min_group_size, cse_maps=sorted(set(cse)))
     _provenance(a, "cohort", meta)
     for w in meta["warnings"]:
         print(f"warning: {w}")
+    for n in meta["notes"]:
+        print(f"note: {n}")
     print(f"cohort of {meta['n_sessions']} session(s), {meta['k']} protocol cluster(s): "
           f"{a.out_dir}")
     return 0
@@ -92,7 +106,8 @@ def _repro_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results-dir", type=Path,
                    help="also take every sub-*/ses-* folder below this that has a T1 map")
     p.add_argument("--days", type=Path,
-                   help="TSV subject, session, day (orders sessions; enables the interval)")
+                   help="TSV participant_id, session_id, day (orders sessions; enables the "
+                        "interval)")
     p.add_argument("--max-interval-days", type=float, default=None)
     p.add_argument("--figures-dir", type=Path, help="scatter/Bland-Altman PNGs (default: "
                                                     "OUT_DIR)")

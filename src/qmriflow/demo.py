@@ -59,7 +59,7 @@ def finish_message(out: Path, rc: int) -> str:
     failure, the failure table)."""
     results = Path(out) / "results"
     cohort = results / "reports" / "cohort.html"
-    sessions = sorted((results / "reports").glob("sub-*.html"))
+    sessions = sorted(results.glob("sub-*.html"))
     lines = [f"[demo] finished with exit status {rc}"]
     if cohort.is_file():
         lines.append(f"[demo] cohort report: {cohort}")

@@ -10,7 +10,8 @@ Seed 000 section 2.3.1 and appendix C:
   parameters, then their labels) before clustering and the clusters are numbered 1..k by
   their sorted centroids, so the labels do not depend on the order the sessions were listed
   in. Asking for more clusters than there are distinct protocols is refused with a message
-  saying so (or, with ``reduce_k=True``, k is lowered to that number with a warning);
+  saying so (or, with ``reduce_k=True``, k adapts to that number: recorded as a note, not a
+  warning, since a small or uniform cohort is no fault);
 * inter-group CV (:func:`qmriflow.stats.metrics.intergroup_cv`) per parameter and tissue,
   grouped by scanner model and by protocol cluster.
 """
@@ -27,7 +28,7 @@ import pandas as pd
 
 from ..errors import InputError
 from .metrics import intergroup_cv
-from .tissue import MAPS
+from .tissue import ID_COLUMNS, MAPS
 
 __all__ = [
     "CLUSTER_FEATURES",
@@ -46,8 +47,8 @@ ANALYSIS_TISSUES = ("WM", "GM")
 
 
 def load_cohort(tsvs: Sequence[str | Path]) -> pd.DataFrame:
-    """Concatenate per-session tissue TSVs into the cohort table (sorted by subject, session,
-    tissue order WM, GM, CSF)."""
+    """Concatenate per-session tissue TSVs into the cohort table (sorted by participant_id,
+    session_id, tissue order WM, GM, CSF)."""
     if not tsvs:
         raise InputError("cohort: no per-session tissue tables given")
     frames = []
@@ -57,17 +58,17 @@ def load_cohort(tsvs: Sequence[str | Path]) -> pd.DataFrame:
             raise InputError("tissue table not found", path=p)
         try:
             frames.append(pd.read_csv(p, sep="\t", na_values=["n/a"],
-                                      dtype={"subject": str, "session": str}))
+                                      dtype=dict.fromkeys(ID_COLUMNS, str)))
         except Exception as exc:
             raise InputError(f"unreadable tissue table ({type(exc).__name__})", path=p) from None
     df = pd.concat(frames, ignore_index=True)
-    need = {"subject", "session", "tissue", *(f"{m}_mean" for m in MAPS)}
+    need = {*ID_COLUMNS, "tissue", *(f"{m}_mean" for m in MAPS)}
     if missing := sorted(need - set(df.columns)):
         raise InputError(f"cohort: tissue tables lack columns {missing}")
     order = {"WM": 0, "GM": 1, "CSF": 2}
     df = df.assign(_t=df["tissue"].map(order).fillna(9))
-    df = df.sort_values(["subject", "session", "_t"], kind="mergesort").drop(columns="_t")
-    if df.duplicated(["subject", "session", "tissue"]).any():
+    df = df.sort_values([*ID_COLUMNS, "_t"], kind="mergesort").drop(columns="_t")
+    if df.duplicated([*ID_COLUMNS, "tissue"]).any():
         raise InputError("cohort: a session/tissue appears twice in the tissue tables")
     return df.reset_index(drop=True)
 
@@ -76,7 +77,7 @@ def session_table(cohort: pd.DataFrame) -> pd.DataFrame:
     """One row per session (the session-level columns of the cohort table)."""
     drop = [c for c in cohort.columns
             if c in ("tissue", "n_voxels") or any(c.startswith(f"{m}_") for m in MAPS)]
-    return (cohort.drop(columns=drop).drop_duplicates(["subject", "session"])
+    return (cohort.drop(columns=drop).drop_duplicates(list(ID_COLUMNS))
             .reset_index(drop=True))
 
 
@@ -107,6 +108,13 @@ class ClusterResult:
     order: np.ndarray  # input row index of each canonically ordered session
     cut_height: float
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # information, e.g. k adapted
+
+    @property
+    def sorted_labels(self) -> np.ndarray:
+        """Cluster number (1..k) of each session in the canonical order (the order of the
+        linkage matrix's leaves 0..n-1)."""
+        return self.labels[self.order]
 
 
 def _distinct_rows(x: np.ndarray) -> int:
@@ -120,11 +128,11 @@ def cluster_protocols(features: pd.DataFrame, k: int = 9, *,
 
     ``features``: one row per session with ``columns`` (missing values are replaced by the
     column mean, i.e. z = 0). ``ids``: labels used as the final tie-breaker of the canonical
-    order (default: the row positions' ``subject``/``session`` columns when present).
+    order (default: the rows' ``participant_id``/``session_id`` columns when present).
     z-scores use the population SD; a constant column contributes nothing.
 
     Raises :class:`InputError` when ``k`` exceeds the number of distinct protocols, unless
-    ``reduce_k`` (then ``k`` is lowered and a warning recorded).
+    ``reduce_k`` (then ``k`` adapts to that number, recorded in ``notes``).
     """
     from scipy.cluster.hierarchy import fcluster, linkage
 
@@ -138,6 +146,7 @@ def cluster_protocols(features: pd.DataFrame, k: int = 9, *,
     if n == 0:
         raise InputError("protocol clustering: no sessions")
     warnings: list[str] = []
+    notes: list[str] = []
     col_mean = np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=0) if n else None
     if np.isnan(x).any():
         warnings.append(f"{int(np.isnan(x).any(axis=1).sum())} session(s) lack some TR/TE "
@@ -150,12 +159,14 @@ def cluster_protocols(features: pd.DataFrame, k: int = 9, *,
                f"{n_distinct} distinct protocol(s) (TR/TE of T1w, T2w, FLAIR)")
         if not reduce_k:
             raise InputError(msg + f"; set the number of clusters to at most {n_distinct}")
-        warnings.append(msg + f"; using k = {n_distinct}")
+        notes.append(f"k = {n_distinct}: one cluster per distinct protocol of the {n} "
+                     f"session(s) (TR/TE of T1w, T2w, FLAIR; up to {k} requested)")
         k = n_distinct
     if ids is None:
-        if {"subject", "session"} <= set(features.columns):
-            ids = [f"{a}/{b}" for a, b in zip(features["subject"].astype(str),
-                                              features["session"].astype(str), strict=True)]
+        if set(ID_COLUMNS) <= set(features.columns):
+            ids = [f"{a}/{b}" for a, b in zip(features[ID_COLUMNS[0]].astype(str),
+                                              features[ID_COLUMNS[1]].astype(str),
+                                              strict=True)]
         else:
             ids = [str(i) for i in range(n)]
     ids = [str(i) for i in ids]
@@ -193,7 +204,7 @@ def cluster_protocols(features: pd.DataFrame, k: int = 9, *,
                                                          strict=True)}})
     return ClusterResult(labels=labels, k_requested=k_req, k=k, n_distinct=n_distinct,
                          centroids=pd.DataFrame(cent_rows), linkage=link, order=order,
-                         cut_height=cut, warnings=warnings)
+                         cut_height=cut, warnings=warnings, notes=notes)
 
 
 def intergroup_cv_table(cohort: pd.DataFrame, by: str, *, tissues: Sequence[str] = (

@@ -15,6 +15,7 @@ import pandas as pd
 __all__ = [
     "DISPLAY",
     "box_by_group",
+    "dendrogram_leaf_labels",
     "dendrogram_png",
     "distributions_png",
     "montage_png",
@@ -39,7 +40,11 @@ def _plt():
     return plt
 
 
-def _png(fig: Any, dpi: int = 90) -> bytes:
+#: resolution of every figure: the pages show them at the full width of the window
+DPI = 120
+
+
+def _png(fig: Any, dpi: int = DPI) -> bytes:
     plt = _plt()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
@@ -61,8 +66,8 @@ def distributions_png(cohort: pd.DataFrame, hist: pd.DataFrame | None = None) ->
                 h = hist[(hist["parameter"] == m) & (hist["tissue"] == t)]
                 if h.empty:
                     continue
-                piv = h.pivot_table(index=["subject", "session"], columns="bin_start",
-                                    values="fraction")
+                piv = h.pivot_table(index=["participant_id", "session_id"],
+                                    columns="bin_start", values="fraction")
                 x = (np.asarray(piv.columns, float) + np.diff(np.asarray(piv.columns, float)
                                                               ).mean() / 2) * scale
                 mu, sd = piv.mean().to_numpy(), piv.std(ddof=0).to_numpy()
@@ -84,31 +89,82 @@ def distributions_png(cohort: pd.DataFrame, hist: pd.DataFrame | None = None) ->
     return _png(fig)
 
 
-def dendrogram_png(linkage: np.ndarray, cut_height: float, k: int) -> bytes:
-    """Seed fig. C.1: Ward dendrogram (leaves = sessions or collapsed subtrees with counts)
-    and the cut giving ``k`` clusters."""
+def _members(linkage: np.ndarray, node: int) -> list[int]:
+    """Leaves (0..n-1) below ``node`` of a scipy linkage matrix."""
+    n = linkage.shape[0] + 1
+    stack, out = [node], []
+    while stack:
+        i = stack.pop()
+        if i < n:
+            out.append(i)
+        else:
+            stack += [int(linkage[i - n, 0]), int(linkage[i - n, 1])]
+    return out
+
+
+def dendrogram_leaf_labels(linkage: np.ndarray, leaf_clusters: Sequence[int],
+                           max_leaves: int = 30) -> list[str]:
+    """The leaf labels :func:`dendrogram_png` draws, left to right: the protocol cluster
+    (1..k, as in the tables) of each session, or of each collapsed subtree with its number
+    of sessions, ``"2 (n=14)"``, when there are more than ``max_leaves`` sessions."""
+    from scipy.cluster.hierarchy import dendrogram
+
+    n = linkage.shape[0] + 1
+    d = dendrogram(linkage, no_plot=True, truncate_mode="lastp" if n > max_leaves else None,
+                   p=max_leaves)
+    return [_leaf_label(linkage, leaf_clusters, int(i)) for i in d["leaves"]]
+
+
+def _leaf_label(linkage: np.ndarray, leaf_clusters: Sequence[int], node: int) -> str:
+    members = _members(linkage, node)
+    clusters = sorted({int(leaf_clusters[i]) for i in members})
+    text = "/".join(str(c) for c in clusters)
+    return text if len(members) == 1 else f"{text} (n={len(members)})"
+
+
+def dendrogram_png(linkage: np.ndarray, cut_height: float, k: int,
+                   leaf_clusters: Sequence[int] | None = None) -> bytes:
+    """Seed fig. C.1: Ward dendrogram and the cut giving ``k`` clusters. Leaves are sessions
+    (or, beyond 30, collapsed subtrees) labelled by their protocol cluster number 1..k
+    (``leaf_clusters``: cluster of each linkage leaf 0..n-1), the numbers of the tables."""
     from scipy.cluster.hierarchy import dendrogram
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
     if linkage.shape[0] >= 1 and float(linkage[:, 2].max()) > 0:
         n = linkage.shape[0] + 1
+        if leaf_clusters is None:
+            leaf_clusters = np.ones(n, dtype=int)
         dendrogram(linkage, ax=ax, truncate_mode="lastp" if n > 30 else None, p=30,
-                   show_leaf_counts=True, color_threshold=cut_height, no_labels=n > 30)
+                   color_threshold=cut_height,
+                   leaf_label_func=lambda i: _leaf_label(linkage, leaf_clusters, int(i)),
+                   leaf_rotation=90 if n > 12 else 0)
         ax.axhline(cut_height, ls="--", color="k", lw=1)
+        ax.set_xlabel("protocol cluster of each session (leaf); n = sessions in a collapsed "
+                      "leaf")
     else:
-        ax.text(0.5, 0.5, "all sessions share one protocol", ha="center",
+        ax.text(0.5, 0.5, "all sessions share one protocol (cluster 1)", ha="center",
                 transform=ax.transAxes)
+        ax.set_xticks([])
     ax.set_ylabel("Ward linkage distance")
     ax.set_title(f"Protocol clustering (z-scored TR/TE of T1w, T2w, FLAIR), k = {k}")
     return _png(fig)
+
+
+def _group_order(values: pd.Series) -> list[str]:
+    """Group names sorted numerically when they are all integers (clusters 1..k), else as
+    text."""
+    names = values.dropna().astype(str).unique()
+    if all(s.lstrip("-").isdigit() for s in names):
+        return sorted(names, key=int)
+    return sorted(names)
 
 
 def box_by_group(cohort: pd.DataFrame, by: str, title: str) -> bytes:
     """Seed figs 4/5: session means per group, for T1/T2/PD × WM/GM; legend gives n."""
     plt = _plt()
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), squeeze=False)
-    groups = sorted(cohort[by].dropna().astype(str).unique())
+    groups = _group_order(cohort[by])
     for i, t in enumerate(("WM", "GM")):
         g = cohort[cohort["tissue"] == t]
         for j, m in enumerate(("T1", "T2", "PD")):
@@ -171,9 +227,13 @@ def repro_png(values: Mapping[str, tuple[np.ndarray, np.ndarray]],
 
 
 def montage_png(panels: Sequence[Mapping[str, Any]], ncols: int, title: str = "",
-                panel_size: float = 2.6) -> bytes:
-    """A grid of image panels. Each panel: ``image`` (2D), optional ``title``, ``cmap``,
-    ``vmin``/``vmax``, ``colorbar`` (label), ``contours`` (list of (2D bool mask, colour))."""
+                panel_size: float = 3.2) -> bytes:
+    """A grid of image panels. Each panel: ``image`` (2D), optional ``title``, ``cmap`` (a
+    name or a colour list for labels 0, 1, ...), ``vmin``/``vmax``, ``colorbar`` (label),
+    ``ticks`` (``{value: text}`` on the colour bar, for label images), ``contours`` (list of
+    (2D bool mask, colour))."""
+    from matplotlib.colors import ListedColormap
+
     plt = _plt()
     nrows = max(1, int(np.ceil(len(panels) / ncols)))
     fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows),
@@ -183,7 +243,10 @@ def montage_png(panels: Sequence[Mapping[str, Any]], ncols: int, title: str = ""
     for ax, p in zip(axes.ravel(), panels, strict=False):
         img = np.asarray(p["image"], dtype=float)
         # radiological-looking display: rows = anterior at top
-        im = ax.imshow(np.rot90(img), cmap=p.get("cmap", "gray"), vmin=p.get("vmin"),
+        cmap = p.get("cmap", "gray")
+        if isinstance(cmap, list | tuple):
+            cmap = ListedColormap(list(cmap))
+        im = ax.imshow(np.rot90(img), cmap=cmap, vmin=p.get("vmin"),
                        vmax=p.get("vmax"), interpolation="nearest")
         for mask, colour in p.get("contours", ()):
             if np.any(mask):
@@ -194,6 +257,9 @@ def montage_png(panels: Sequence[Mapping[str, Any]], ncols: int, title: str = ""
             cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
             cb.set_label(p["colorbar"], fontsize=8)
             cb.ax.tick_params(labelsize=7)
+            if p.get("ticks"):
+                cb.set_ticks(list(p["ticks"]))
+                cb.set_ticklabels([str(v) for v in p["ticks"].values()])
     if title:
         fig.suptitle(title)
     fig.tight_layout()

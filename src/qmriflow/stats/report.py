@@ -7,9 +7,17 @@ text other than the scanner model reaches them.
 
 Session page: warnings, input contrasts (brain mask outlined), masks (eroded WM/GM, CSF
 outlined on the T2w), T1/T2/PD maps with colour bars, re-synthesised images and difference
-maps when present, tissue values, protocol, checkpoint hash and provenance summary.
-Cohort page: population summary, inter-group CV tables, protocol clusters and their
-centroids, reproducibility table, and every cohort and reproducibility figure.
+maps when present, fat/water results of every multi-echo GRE series (PDFF, R2*, the
+water/fat choice and, when written, the ambiguity mask, with colour bars, and their median /
+IQR), tissue values, protocol, checkpoint hash and provenance summary.
+Cohort page: population summary, inter-group CV tables, protocol clusters (numbered 1..k in
+every table and figure) and their centroids, PDFF/R2* per series, reproducibility table, and
+every cohort and reproducibility figure.
+
+Layout: the page uses the window's full width and every figure scales to it. Every table
+states its units in its column headers; T1/T2 are shown in ms (stored in s), PD in a.u., PDFF
+in %, R2* in 1/s. The CSF row is marked: its mask is dseg label 3 (not eroded) and its
+values are partial-volume dominated.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import pandas as pd
 
 from .. import __version__
 from ..io import atomic_path, sidecar_path
+from .cse import CseSeries, find_cse_series, series_summary
 from .figures import DISPLAY, montage_png
 from .tissue import MAPS, SessionFiles
 
@@ -39,14 +48,26 @@ PLAUSIBLE_3T: dict[tuple[str, str], tuple[float, float]] = {
 }
 MIN_TISSUE_VOXELS = 500
 
+#: CSF caveat shown under every table with a CSF row
+CSF_NOTE = ("CSF†: dseg label 3, not eroded. At this resolution most CSF voxels are partial "
+            "volumes with the neighbouring tissue, so its T1/T2 are usually well below those "
+            "of pure CSF (deep CSF T1 about 4.3 s at 3 T); use it as a reference, not as a "
+            "CSF measurement.")
+
 _CSS = """
-body{font-family:system-ui,Arial,sans-serif;margin:1.5em;color:#222;max-width:1400px}
+*{box-sizing:border-box}
+body{font-family:system-ui,Arial,sans-serif;margin:0;padding:1em 2vw;color:#222;
+max-width:none;width:100%;line-height:1.4}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;margin-top:1.6em}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
-td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#f0f0f0}
+.tbl{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f0f0f0}
 .warn{background:#fff4ce;border-left:4px solid #e0a800;padding:.4em .8em}
 .ok{background:#e8f5e9;border-left:4px solid #43a047;padding:.4em .8em}
-img{max-width:100%;height:auto;display:block;margin:.4em 0}code{font-size:.85em}
+.note{color:#555;font-size:.9em}
+img{width:100%;max-width:100%;height:auto;display:block;margin:.4em 0}
+code{font-size:.85em}
+@media (max-width:700px){body{padding:.5em}table{font-size:.8em}}
 """
 
 
@@ -56,14 +77,24 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _table(df: pd.DataFrame, float_format: str = "{:.4g}") -> str:
-    return df.to_html(index=False, escape=True, na_rep="n/a", border=0,
-                      float_format=lambda v: float_format.format(v))
+    return '<div class="tbl">' + df.to_html(
+        index=False, escape=True, na_rep="n/a", border=0,
+        float_format=lambda v: float_format.format(0.0 if abs(v) < 1e-9 else v)) + "</div>"
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _tissue_name(t: Any) -> str:
+    return "CSF†" if str(t) == "CSF" else str(t)
 
 
 def render_page(title: str, sections: Sequence[tuple[str, str]]) -> str:
     """A complete HTML document; ``sections`` are (heading, inner HTML) pairs."""
     body = "\n".join(f"<h2>{html.escape(h)}</h2>\n{inner}" for h, inner in sections)
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><p>qmriflow {html.escape(__version__)}</p>"
             f"{body}</body></html>\n")
@@ -158,14 +189,15 @@ def session_warnings(files: SessionFiles, stats: pd.DataFrame | None,
 def _tissue_table(stats: pd.DataFrame) -> str:
     rows = []
     for r in stats.itertuples():
-        row: dict[str, Any] = {"tissue": r.tissue, "voxels": int(r.n_voxels)}
+        row: dict[str, Any] = {"tissue": _tissue_name(r.tissue), "voxels": int(r.n_voxels)}
         for m in MAPS:
             s, u, _ = DISPLAY[m]
             row[f"{m} mean [{u}]"] = getattr(r, f"{m}_mean") * s
             row[f"{m} SD [{u}]"] = getattr(r, f"{m}_sd") * s
             row[f"{m} median [{u}]"] = getattr(r, f"{m}_median") * s
         rows.append(row)
-    return _table(pd.DataFrame(rows))
+    csf = any(str(t) == "CSF" for t in stats["tissue"])
+    return _table(pd.DataFrame(rows)) + (_note(CSF_NOTE) if csf else "")
 
 
 def _protocol_table(params: Mapping[str, Any]) -> str:
@@ -178,7 +210,8 @@ def _protocol_table(params: Mapping[str, Any]) -> str:
                      "field [T]": e.get("field_strength_t"),
                      "scanner": e.get("manufacturer_model"),
                      "gadolinium": e.get("gadolinium")})
-    return _table(pd.DataFrame(rows))
+    return _table(pd.DataFrame([{k: np.nan if v is None else v for k, v in r.items()}
+                                for r in rows]))
 
 
 def _provenance_table(records: Sequence[Mapping[str, Any]]) -> str:
@@ -194,10 +227,90 @@ def _provenance_table(records: Sequence[Mapping[str, Any]]) -> str:
             secs = timing.get("total") if isinstance(timing, Mapping) else st.get("seconds")
             rows.append({"step": name, "tool": st.get("tool") or st.get("backend") or "",
                          "versions": ", ".join(f"{k}={v}" for k, v in versions.items()),
-                         "seconds": secs})
+                         "time [s]": secs})
     if not rows:
         return "<p>No provenance records found.</p>"
     return _table(pd.DataFrame(_shorten(rows)))
+
+
+#: display of the CSE maps: water/fat choice and ambiguity as label images
+_CHOICE_COLOURS = ["black", "#2c7bb6", "#fdae61"]
+_CHOICE_TICKS = {0: "background", 1: "water-dominant", 2: "fat-dominant"}
+_AMBIGUOUS_COLOURS = ["black", "#d7191c"]
+_AMBIGUOUS_TICKS = {0: "decided", 1: "ambiguous"}
+CSE_NOTE = ("PDFF: proton density fat fraction; R2*: transverse relaxation rate; choice: which "
+            "candidate (water- or fat-dominant) explained the echoes better (a fat/water swap "
+            "shows as an island of the other colour); ambiguous: voxels where the likelihood "
+            "cannot tell water from fat (shown when the CSE step wrote the mask). Median and "
+            "inter-quartile range inside the fit mask.")
+
+
+def _range(lo: float, hi: float) -> str:
+    return f"{lo:.3g}–{hi:.3g}" if np.isfinite(lo) and np.isfinite(hi) else "n/a"
+
+
+def _cse_summary_table(rows: Sequence[Mapping[str, Any]], ids: bool = False) -> str:
+    """PDFF/R2* per series with units in the headers (PDFF stored 0-1, shown in %)."""
+    out = []
+    for r in rows:
+        row: dict[str, Any] = {}
+        if ids:
+            row.update({"participant_id": r["participant_id"], "session_id": r["session_id"]})
+        row.update({
+            "series": f"acq-{r['acq']}" if r.get("acq") else "", "method": r["method"],
+            "voxels": int(r["n_voxels"]),
+            "PDFF median [%]": 100 * r["PDFF_median"],
+            "PDFF IQR [%]": _range(100 * r["PDFF_q25"], 100 * r["PDFF_q75"]),
+            "R2* median [1/s]": r["R2star_median"],
+            "R2* IQR [1/s]": _range(r["R2star_q25"], r["R2star_q75"]),
+            "fat-dominant [%]": 100 * r["fat_dominant_fraction"],
+            "ambiguous [%]": 100 * r["ambiguous_fraction"],
+        })
+        out.append(row)
+    return _table(pd.DataFrame(out))
+
+
+def _cse_sections(series: Sequence[CseSeries], n_slices: int) -> list[tuple[str, str]]:
+    """One section per CSE series: PDFF, R2*, choice (and ambiguity) panels with colour bars
+    over up to ``n_slices`` slices of the fit mask, and its median/IQR table."""
+    if not series:
+        return [("Fat/water (multi-echo GRE)",
+                 "<p>No multi-echo GRE series in this session.</p>")]
+    sections = []
+    for s in series:
+        pdff = _load(s.pdff)
+        if pdff is None:
+            continue
+        r2s, choice, amb, mask = (_load(p) for p in (s.r2star, s.choice, s.ambiguous, s.mask))
+        fit = mask[0] > 0.5 if mask is not None and mask[0].shape == pdff[0].shape else None
+        nz = pdff[0].shape[2]
+        ks = list(range(nz)) if nz <= n_slices else _slices(fit, pdff[0].shape, n_slices)
+        r2_hi = max(100.0, float(np.ceil(_robust_max(r2s[0], fit) / 50.0) * 50.0)) if (
+            r2s is not None) else 100.0
+        panels = []
+        for k in ks:
+            panels.append({"image": pdff[0][:, :, k] * 100.0, "title": f"PDFF slice {k}",
+                           "cmap": "magma", "vmin": 0.0, "vmax": 100.0,
+                           "colorbar": "PDFF [%]"})
+            if r2s is not None:
+                panels.append({"image": r2s[0][:, :, k], "title": f"R2* slice {k}",
+                               "cmap": "viridis", "vmin": 0.0, "vmax": r2_hi,
+                               "colorbar": "R2* [1/s]"})
+            if choice is not None:
+                panels.append({"image": np.rint(choice[0][:, :, k]), "title":
+                               f"water/fat choice slice {k}", "cmap": _CHOICE_COLOURS,
+                               "vmin": -0.5, "vmax": 2.5, "colorbar": "winning candidate",
+                               "ticks": _CHOICE_TICKS})
+            if amb is not None:
+                panels.append({"image": (amb[0][:, :, k] > 0.5).astype(float), "title":
+                               f"ambiguous slice {k}", "cmap": _AMBIGUOUS_COLOURS,
+                               "vmin": -0.5, "vmax": 1.5, "colorbar": "water vs fat",
+                               "ticks": _AMBIGUOUS_TICKS})
+        ncols = 2 + (choice is not None) + (amb is not None) - (r2s is None)
+        body = _img(montage_png(panels, ncols=ncols), f"fat/water {s.title}")
+        body += _cse_summary_table([series_summary(s)]) + _note(CSE_NOTE)
+        sections.append((f"Fat/water (multi-echo GRE) {s.title}", body))
+    return sections
 
 
 def session_report(files: SessionFiles, out_html: str | Path, *,
@@ -288,6 +401,7 @@ def session_report(files: SessionFiles, out_html: str | Path, *,
         if panels:
             sections.append((f"Re-synthesised images and differences (slice {k})",
                              _img(montage_png(panels, ncols=3), "re-synthesis")))
+    sections += _cse_sections(find_cse_series(files.anat, files.label), n_slices)
     if stats is not None:
         sections.append(("Tissue values (eroded WM/GM; CSF from dseg)", _tissue_table(stats)))
         sha = str(stats["checkpoint_sha256"].fillna("").iloc[0]) if (
@@ -313,6 +427,75 @@ def _read_tsv(path: Path) -> pd.DataFrame | None:
     return pd.read_csv(path, sep="\t", na_values=["n/a"]) if path.is_file() else None
 
 
+def _by_parameter(df: pd.DataFrame, keys: Sequence[str],
+                  values: Mapping[str, str]) -> pd.DataFrame:
+    """Long table (one row per ``keys`` × parameter) -> one row per ``keys`` with a column
+    per parameter and value, ``"T1 mean [ms]"``: stored units converted to the display units
+    (:data:`DISPLAY`) named in the header. ``values``: column -> header word ("" keeps the
+    value unscaled and without unit, e.g. a CV in %, written into the word)."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for r in df.to_dict("records"):
+        key = tuple(r[k] for k in keys)
+        row = rows.setdefault(key, {k: r[k] for k in keys})
+        m = str(r["parameter"])
+        scale, unit, _ = DISPLAY.get(m, (1.0, "", (0, 1)))
+        for col, word in values.items():
+            if col not in r:
+                continue
+            if word.endswith("]"):  # unit already given, e.g. "CV [%]"
+                row[f"{m} {word}"] = r[col]
+            else:
+                row[f"{m} {word} [{unit}]"] = r[col] * scale
+    return pd.DataFrame(list(rows.values()))
+
+
+def _population_table(summ: pd.DataFrame) -> str:
+    s = summ.copy()
+    s["tissue"] = s["tissue"].map(_tissue_name)
+    n = s.groupby("tissue", sort=False)["n_sessions"].max().rename("sessions")
+    wide = _by_parameter(s, ["tissue"], {"mean": "mean", "sd": "SD", "min": "min",
+                                         "max": "max"})
+    wide.insert(1, "sessions", wide["tissue"].map(n).astype(int))
+    csf = any(str(t) == "CSF" for t in summ["tissue"])
+    return _table(wide) + (_note(CSF_NOTE) if csf else "")
+
+
+def _cv_table(cv: pd.DataFrame) -> str:
+    c = cv.copy()
+    notes = sorted({str(x) for x in c.get("note", pd.Series(dtype=str)).fillna("") if x})
+    wide = _by_parameter(c, ["grouping", "tissue"],
+                         {"cv_percent": "CV [%]", "mean_of_group_means": "mean of group means"})
+    counts = c.groupby(["grouping", "tissue"], sort=False)[["n_groups", "n_sessions"]].max()
+    for i, col in enumerate(("n_groups", "n_sessions")):
+        wide.insert(2 + i, col.removeprefix("n_"), [
+            int(counts.loc[(g, t), col]) for g, t in zip(wide["grouping"], wide["tissue"],
+                                                         strict=True)])
+    wide["tissue"] = wide["tissue"].map(_tissue_name)
+    return _table(wide) + "".join(_note(f"n/a: {x}") for x in notes)
+
+
+def _centroid_table(cent: pd.DataFrame) -> str:
+    c = cent.rename(columns={"cluster": "protocol cluster", "n_sessions": "sessions"})
+    ren = {}
+    for col in c.columns:
+        if col.endswith("_ms"):
+            role, what = col.split("_")[:2]
+            ren[col] = f"{dict(t1w='T1w', t2w='T2w', flair='FLAIR').get(role, role)} " \
+                       f"{what.upper()} [ms]"
+    return _table(c.rename(columns=ren))
+
+
+def _repro_table(rt: pd.DataFrame) -> str:
+    cols = {"participant_id": "participant_id", "first_session_id": "first_session_id",
+            "later_session_id": "later_session_id", "interval_days": "interval [days]",
+            "parameter": "parameter", "n_voxels": "voxels", "pearson_r": "Pearson r",
+            "ccc": "CCC", "mean_rel_diff": "mean relative difference [%]"}
+    t = rt[[c for c in cols if c in rt.columns]].copy()
+    if "mean_rel_diff" in t:
+        t["mean_rel_diff"] = 100 * t["mean_rel_diff"]
+    return _table(t.rename(columns=cols))
+
+
 def cohort_report(out_html: str | Path, cohort_dir: str | Path,
                   repro_dir: str | Path | None = None,
                   repro_figures_dir: str | Path | None = None) -> Path:
@@ -326,44 +509,48 @@ def cohort_report(out_html: str | Path, cohort_dir: str | Path,
     if repro_dir is not None and (Path(repro_dir) / "reproducibility.json").is_file():
         rmeta = json.loads((Path(repro_dir) / "reproducibility.json").read_text())
         warns += rmeta.get("warnings", [])
+    k, k_req = meta.get("k", "n/a"), meta.get("k_requested", "n/a")
+    n_dist = meta.get("n_distinct_protocols", "n/a")
+    adapted = (f" (fewer than the {k_req} requested: the cohort has {n_dist} distinct "
+               "protocols)" if isinstance(k, int) and isinstance(k_req, int) and k < k_req
+               else "")
     sections.append(("Summary", f"<p>{int(meta.get('n_sessions', 0))} session(s) of "
-                     f"{int(meta.get('n_subjects', 0))} subject(s); protocol clusters: "
-                     f"k = {meta.get('k', 'n/a')} (requested {meta.get('k_requested', 'n/a')},"
-                     f" {meta.get('n_distinct_protocols', 'n/a')} distinct protocols).</p>"
+                     f"{int(meta.get('n_subjects', 0))} subject(s); {k} protocol cluster(s), "
+                     f"numbered 1..{k} in every table and figure{html.escape(adapted)}.</p>"
                      + ("<div class=\"warn\"><ul>" + "".join(
                          f"<li>{html.escape(str(w))}</li>" for w in warns) + "</ul></div>"
                         if warns else "<div class=\"ok\">No warnings.</div>")))
     summ = _read_tsv(cdir / "cohort_summary.tsv")
     if summ is not None:
-        s = summ.copy()
-        scale = s["parameter"].map({m: DISPLAY[m][0] for m in MAPS})
-        for c in ("mean", "sd", "min", "max"):
-            s[c] = s[c] * scale
-        s["unit"] = s["parameter"].map({m: DISPLAY[m][1] for m in MAPS})
-        sections.append(("Population mean ± SD of session means", _table(s)))
+        sections.append(("Population mean, SD and range of the session means",
+                         _population_table(summ)))
     for name, title in (("cohort_distributions.png", "Value distributions"),):
         if (cdir / name).is_file():
             sections.append((title, _img((cdir / name).read_bytes(), title)))
     cv = _read_tsv(cdir / "intergroup_cv.tsv")
     if cv is not None:
-        sections.append(("Inter-group coefficient of variation (%)",
-                         _table(cv.drop(columns=["cv"], errors="ignore"))))
+        sections.append(("Inter-group coefficient of variation of the session means",
+                         _cv_table(cv)))
     for name, title in (("box_scanner.png", "Session means by scanner model"),
                         ("box_cluster.png", "Session means by protocol cluster"),
-                        ("protocol_dendrogram.png", "Protocol clustering dendrogram")):
+                        ("protocol_dendrogram.png", "Protocol clustering dendrogram "
+                                                    "(leaves: protocol cluster 1..k)")):
         if (cdir / name).is_file():
             sections.append((title, _img((cdir / name).read_bytes(), title)))
     cent = _read_tsv(cdir / "protocol_cluster_centroids.tsv")
     if cent is not None:
-        sections.append(("Protocol cluster centroids (TR/TE in ms)", _table(cent)))
+        sections.append(("Protocol cluster centroids", _centroid_table(cent)))
+    cse = _read_tsv(cdir / "cohort_cse_stats.tsv")
+    if cse is not None:
+        sections.append(("Fat/water (multi-echo GRE): PDFF and R2* per series",
+                         _cse_summary_table(cse.to_dict("records"), ids=True)
+                         + _note(CSE_NOTE) if len(cse) else
+                         "<p>No multi-echo GRE series in this cohort.</p>"))
     if repro_dir is not None:
         rdir = Path(repro_dir)
         rt = _read_tsv(rdir / "reproducibility.tsv")
         if rt is not None and len(rt):
-            cols = [c for c in ("subject", "first_session", "later_session", "interval_days",
-                                "parameter", "n_voxels", "pearson_r", "ccc", "mean_rel_diff")
-                    if c in rt.columns]
-            sections.append(("Within-subject reproducibility (WM + GM)", _table(rt[cols])))
+            sections.append(("Within-subject reproducibility (WM + GM)", _repro_table(rt)))
             fdir = Path(repro_figures_dir) if repro_figures_dir is not None else rdir
             for png in sorted(fdir.glob("*.png")):
                 sections.append((png.stem, _img(png.read_bytes(), png.stem)))

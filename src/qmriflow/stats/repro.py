@@ -8,11 +8,11 @@ CCC and the mean relative difference are computed inside the brain parenchyma: t
 session's ``dseg`` WM + GM (labels 1, 2) ∩ its brain mask ∩ the resampled brain mask of the
 later session (so voxels outside the later field of view never count).
 
-"First" is the earliest session by the optional ``days`` table (``subject``, ``session``,
-``day``: any day number, e.g. days since the subject's first visit) and otherwise the
-alphabetically first label (session labels are pseudonyms: give ``days`` when the order
-matters). With ``max_interval_days`` only pairs within that interval are analysed; it needs
-``days``.
+"First" is the earliest session by the optional ``days`` table (``participant_id``,
+``session_id``, ``day``: any day number, e.g. days since the subject's first visit; the
+older column names ``subject``/``session`` are read too) and otherwise the alphabetically
+first label (session labels are pseudonyms: give ``days`` when the order matters). With
+``max_interval_days`` only pairs within that interval are analysed; it needs ``days``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ class PairResult:
 
 
 def read_days(path: str | Path | None) -> dict[tuple[str, str], float]:
-    """``{(subject, session): day}`` from a TSV with columns subject, session, day."""
+    """``{(subject, session): day}`` (labels without prefix) from a TSV with columns
+    participant_id, session_id, day (BIDS names; ``subject``, ``session`` accepted too)."""
     if path is None:
         return {}
     import pandas as pd
@@ -54,12 +55,13 @@ def read_days(path: str | Path | None) -> dict[tuple[str, str], float]:
     p = Path(path)
     if not p.is_file():
         raise InputError("days table not found", path=p)
-    df = pd.read_csv(p, sep="\t", dtype={"subject": str, "session": str})
-    need = {"subject", "session", "day"}
+    df = pd.read_csv(p, sep="\t", dtype=str)
+    df = df.rename(columns={"subject": "participant_id", "session": "session_id"})
+    need = {"participant_id", "session_id", "day"}
     if not need <= set(df.columns):
         raise InputError(f"days table needs columns {sorted(need)}", path=p)
-    return {(str(r.subject).removeprefix("sub-"), str(r.session).removeprefix("ses-")):
-            float(r.day) for r in df.itertuples()}
+    return {(str(r.participant_id).removeprefix("sub-"),
+             str(r.session_id).removeprefix("ses-")): float(r.day) for r in df.itertuples()}
 
 
 def plan_pairs(sessions: Sequence[SessionFiles], *,
@@ -148,8 +150,9 @@ def pair_reproducibility(first: SessionFiles, later: SessionFiles, *,
             values[m] = (a, b)
             ba = bland_altman(a, b)
             row: dict[str, Any] = {
-                "subject": first.subject, "first_session": first.session,
-                "later_session": later.session, "interval_days": interval_days,
+                "participant_id": f"sub-{first.subject}",
+                "first_session_id": f"ses-{first.session}",
+                "later_session_id": f"ses-{later.session}", "interval_days": interval_days,
                 "parameter": m, "n_voxels": n, "pearson_r": pearson_r(a, b),
                 "ccc": lin_ccc(a, b), "mean_rel_diff": relative_difference(a, b),
                 "mean_first": float(a.mean()), "mean_later": float(b.mean()),

@@ -7,9 +7,12 @@ hash), and writes one BIDS-derivatives TSV with **one row per tissue** (WM, GM, 
 
     sub-X_ses-Y_space-T2w_desc-tissue_stats.tsv   (+ .json sidecar describing the columns)
 
-Columns: identifiers, ``n_voxels``, ``{T1,T2,PD}_{mean,sd,median}`` (T1/T2 in seconds, PD
-a.u.; SD with ddof=1), the scanner model, the protocol parameters of the three contrasts, the
-gadolinium flags and the model checkpoint's SHA-256. Each row is already a cohort-table row:
+Columns: ``participant_id`` (``sub-X``) and ``session_id`` (``ses-Y``), named as in BIDS
+``participants.tsv``/``sessions.tsv`` (a column named after an entity, ``subject``, would be
+read by pybids as metadata contradicting the file name's entity), ``tissue``, ``n_voxels``,
+``{T1,T2,PD}_{mean,sd,median}`` (T1/T2 in seconds, PD a.u.; SD with ddof=1), the scanner
+model, the protocol parameters of the three contrasts, the gadolinium flags and the model
+checkpoint's SHA-256. Each row is already a cohort-table row:
 the cohort table is the concatenation of these files (:mod:`qmriflow.stats.cohort`).
 
 Voxels counted: the tissue mask ∩ the brain mask ∩ finite map values in all three maps.
@@ -31,6 +34,7 @@ from ..errors import InputError
 from ..io import atomic_path, sidecar_path, write_json
 
 __all__ = [
+    "ID_COLUMNS",
     "MAPS",
     "ROLES",
     "STATS_COLUMNS",
@@ -45,6 +49,8 @@ __all__ = [
 ]
 
 MAPS = ("T1", "T2", "PD")
+#: identifier columns of every table (BIDS names; values with their ``sub-``/``ses-`` prefix)
+ID_COLUMNS = ("participant_id", "session_id")
 MAP_SUFFIX = {"T1": "T1map", "T2": "T2map", "PD": "PDmap"}
 MAP_UNITS = {"T1": "s", "T2": "s", "PD": "arbitrary (water = 1)"}
 TISSUES = ("WM", "GM", "CSF")
@@ -276,21 +282,26 @@ def compute_session_stats(files: SessionFiles) -> tuple[pd.DataFrame, pd.DataFra
                              session=files.label)
     rows = tissue_statistics(maps, masks, brain)
     hist = tissue_histograms(maps, masks, brain)
-    hist.insert(0, "session", files.session)
-    hist.insert(0, "subject", files.subject)
+    hist.insert(0, "session_id", f"ses-{files.session}")
+    hist.insert(0, "participant_id", f"sub-{files.subject}")
     params = json.loads(files.params.read_text()) if files.params.is_file() else None
     side_p = sidecar_path(files.map("T1"))
     side = json.loads(side_p.read_text()) if side_p.is_file() else None
     meta = session_metadata(params, side)
-    df = pd.DataFrame([{"subject": files.subject, "session": files.session, **r, **meta}
-                       for r in rows])
+    df = pd.DataFrame([{"participant_id": f"sub-{files.subject}",
+                        "session_id": f"ses-{files.session}", **r, **meta} for r in rows])
     return df, hist
 
 
 COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
-    "subject": {"Description": "subject pseudonym (without sub-)"},
-    "session": {"Description": "session pseudonym (without ses-)"},
-    "tissue": {"Description": "WM and GM: eroded masks; CSF: dseg label 3 (reference only)"},
+    "participant_id": {"Description": "subject pseudonym, with its sub- prefix (as in BIDS "
+                                      "participants.tsv)"},
+    "session_id": {"Description": "session pseudonym, with its ses- prefix (as in BIDS "
+                                  "sessions.tsv)"},
+    "tissue": {"Description": "WM and GM: eroded masks; CSF: dseg label 3 (reference only: "
+                              "not eroded, partial-volume dominated, lower than deep CSF)",
+               "Levels": {"WM": "white matter (eroded)", "GM": "grey matter (eroded)",
+                          "CSF": "cerebrospinal fluid (dseg label 3, not eroded)"}},
     "n_voxels": {"Description": "voxels in tissue mask ∩ brain mask with finite maps"},
     **{f"{m}_{s}": {"Description": f"{s} of the {m} map in the tissue"
                     + (" (SD: ddof=1)" if s == "sd" else ""), "Units": MAP_UNITS[m]}
@@ -301,6 +312,19 @@ COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
     "fraction": {"Description": "fraction of the tissue's voxels in [bin_start, bin_end); "
                                 "values outside the range are counted in the end bins"},
     "bin_start": {"Description": "bin start (T1/T2 in s, PD a.u.)"},
+    "bin_end": {"Description": "bin end (T1/T2 in s, PD a.u.)"},
+    "parameter": {"Description": "map: T1 (s), T2 (s) or PD (a.u.)"},
+    "protocol_cluster": {"Description": "protocol cluster 1..k (Ward clustering of the "
+                                        "z-scored TR/TE of T1w, T2w, FLAIR)"},
+    "manufacturer": {"Description": "Manufacturer of the series"},
+    "field_strength_t": {"Description": "MagneticFieldStrength", "Units": "T"},
+    **{f"{r}_{k}": {"Description": f"{k.split('_')[0].upper()} of the {r} series",
+                    "Units": "ms"} for r in ROLES for k in ("tr_ms", "te_ms", "ti_ms")},
+    **{f"{r}_fa_deg": {"Description": f"flip angle of the {r} series", "Units": "degree"}
+       for r in ROLES},
+    **{f"{r}_sequence": {"Description": f"sequence type of the {r} series"} for r in ROLES},
+    **{f"{r}_gadolinium": {"Description": f"{r} acquired after contrast agent (empty: unknown)"}
+       for r in ROLES},
 }
 
 
