@@ -4,6 +4,7 @@
 * :mod:`.tissue` - per-session tissue statistics (BIDS-derivatives TSV).
 * :mod:`.cohort` - cohort table, population summary, Ward protocol clusters, inter-group CV.
 * :mod:`.repro` - within-subject reproducibility after rigid registration.
+* :mod:`.cse` - a session's fat/water results and their PDFF/R2* summary.
 * :mod:`.figures`, :mod:`.report` - matplotlib figures and self-contained HTML pages.
 * :mod:`.pipeline` - the steps behind ``qmriflow stats | cohort | repro``.
 """
