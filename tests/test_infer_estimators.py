@@ -74,8 +74,20 @@ def test_network_only_is_the_raw_network_output(session, checkpoint, tmp_path):
         info = infer_session(session, checkpoint, out, contrasts=inputs, scaling=scaling,
                              estimator="network-only", **RUN)
         sd = load_session(session, contrasts=inputs, head_from=inputs)
-        raw = predict_maps(model, sd.images, device=torch.device("cpu"), precision="fp32",
-                           batch_size=4, mask=sd.brain)
+        if scaling == "seed":
+            # the published input path (model/published.py; its fidelity:
+            # test_published_fidelity), whose Otsu mask comes from the T1w
+            from qmriflow.model.published import seed_inputs
+
+            full = load_session(session, keep_raw=True)
+            brain = np.moveaxis(full.brain, 0, 2)
+            prep = seed_inputs(full.raw, brain, full.affine, inputs)
+            raw = prep.to_input_grid(predict_maps(
+                model, prep.images, device=torch.device("cpu"), precision="fp32",
+                batch_size=4, mask=prep.mask))
+        else:
+            raw = predict_maps(model, sd.images, device=torch.device("cpu"), precision="fp32",
+                               batch_size=4, mask=sd.brain)
         np.testing.assert_array_equal(_maps(out, label), raw)
         paths = map_paths(out, label)
         assert not any(paths[f"sd_{k}"].exists() for k in KEYS)  # no uncertainty maps

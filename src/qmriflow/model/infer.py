@@ -308,15 +308,31 @@ def _estimator_record(estimator: str, calibrated: bool) -> dict[str, str]:
     return {"Name": estimator, "Description": text}
 
 
+BOX_MARGIN = 16
+"""Voxels kept around the brain's in-plane bounding box when the network's field of view is
+narrowed to the brain (:func:`_brain_box`)."""
+
+
+def _brain_box(brain: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """In-plane rows and columns of the brain's bounding box over all slices, widened by
+    :data:`BOX_MARGIN` voxels on each side (within the image)."""
+    ys = np.flatnonzero(brain.any(axis=(0, 2)))
+    xs = np.flatnonzero(brain.any(axis=(0, 1)))
+    return (slice(max(int(ys[0]) - BOX_MARGIN, 0), min(int(ys[-1]) + 1 + BOX_MARGIN, shape[0])),
+            slice(max(int(xs[0]) - BOX_MARGIN, 0), min(int(xs[-1]) + 1 + BOX_MARGIN, shape[1])))
+
+
 def _network_maps(net: _Network, sd: Any, sel: Sequence[int], masked: bool,
                   batch_size: int, seed: SeedInputs | None = None,
-                  progress: _Progress | None = None) -> np.ndarray:
+                  progress: _Progress | None = None, crop: bool = False) -> np.ndarray:
     """The network's maps (S, 3, H, W) float32 (PD, T1 s, T2 s) from the inputs ``sel`` of the
     loaded session ``sd``, times its brain mask if ``masked``. With ``seed`` (the published
     input path, :func:`~qmriflow.model.published.seed_inputs`) the network sees its inputs and
     the maps come back onto the input grid. Otherwise, with ``masked``, slices without brain
     are not run (their maps are zero either way; the network is slice-wise, so the others do
-    not change)."""
+    not change). With ``crop`` (the calibrated estimators, whose maps the data consistency
+    determines: the network's are its prior) the network sees only the brain's bounding box
+    plus :data:`BOX_MARGIN` voxels — half the pixels of a head's field of view."""
     report = None if progress is None else progress.slices
     try:
         if seed is not None:
@@ -328,12 +344,13 @@ def _network_maps(net: _Network, sd: Any, sel: Sequence[int], masked: bool,
             run = (np.flatnonzero(sd.brain.any(axis=(1, 2))) if masked
                    else np.arange(sd.images.shape[0]))
             maps = np.zeros((sd.images.shape[0], 3, *sd.images.shape[2:]), np.float32)
+            rows, cols = (_brain_box(sd.brain, sd.images.shape[2:]) if crop and run.size
+                          else (slice(None), slice(None)))
             if run.size:
-                maps[run] = predict_maps(net.model, sd.images[run][:, list(sel)],
-                                         device=net.device, precision=net.precision,
-                                         batch_size=batch_size,
-                                         mask=sd.brain[run] if masked else None,
-                                         progress=report)
+                maps[run, :, rows, cols] = predict_maps(
+                    net.model, sd.images[run][:, list(sel), rows, cols], device=net.device,
+                    precision=net.precision, batch_size=batch_size,
+                    mask=sd.brain[run][:, rows, cols] if masked else None, progress=report)
     except RuntimeError as exc:
         raise InputError(f"inference failed: {' '.join(str(exc).split())[:200]}",
                          session=sd.label) from None
@@ -455,7 +472,9 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     t1 = time.perf_counter()
     if net is not None:
         report.stage("network")
-        maps = _network_maps(net, sd, sel, masked, batch_size, prep, report)
+        # the calibrated estimate is the data's: the network (its prior) sees the brain's box
+        crop_net = calibrated and estimator != "network-only" and masked
+        maps = _network_maps(net, sd, sel, masked, batch_size, prep, report, crop=crop_net)
         t_net: float | None = time.perf_counter() - t1
     else:
         assert calib is not None and seg is not None  # calibrated, checked above
@@ -481,6 +500,10 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
                            "modes": {c: sd.modes[c] for c in contrasts}}),
         "MaskedBy": Path(files.brain_mask) if masked else None,
         "MaskNarrowed": narrowing,
+        "NetworkFieldOfView": (None if net is None else
+                               "the published 224x224 crop" if prep is not None else
+                               f"the brain's in-plane bounding box plus {BOX_MARGIN} voxels"
+                               if crop_net else "the whole slice"),
         "Precision": None if net is None else net.precision,
         "PrecisionChoice": None if net is None else net.precision_choice,
         "Device": None if net is None else str(net.device),
