@@ -34,6 +34,9 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smooth-choice", type=int, default=0,
                    help="average the likelihood difference over k x k in-plane neighbours "
                         "before choosing (odd k; 0 = off)")
+    p.add_argument("--no-despeckle", action="store_true",
+                   help="keep single voxels whose water/fat choice differs from all their "
+                        "neighbours (default: they take their neighbours' side)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs", type=int, default=500)
@@ -75,6 +78,7 @@ def _cse_fit(a: argparse.Namespace) -> int:
         opts = CseOptions(
             method=a.method, sigma=a.sigma, mask_threshold=a.mask_threshold,
             smooth_choice=a.smooth_choice, device=dev, threads=a.threads, readout=a.readout,
+            despeckle=not a.no_despeckle,
             train=TrainOptions(seed=a.seed, max_epochs=a.max_epochs, device=dev),
             fit=FitOptions(device=dev, threads=a.threads))
         result = run_cse(series, opts)
