@@ -20,7 +20,9 @@ Side by side, in one run, on the same input, with ``uptime`` load before and aft
   estimator, auto precision), which narrows the head-sized mask to the segmented brain;
 * ``seed fp32``: ``--scaling seed --precision fp32``: the published pipeline's work (its input
   path, an fp32 forward pass of every slice at 224 × 224, the maps and the re-synthesis
-  written).
+  written);
+* ``default, network on the whole slice`` (``--network-fov slice``): what narrowing the
+  network's field of view to the brain's box saves, and what it changes in accuracy.
 
 Target (issue 23): default wall time ≤ 0.6 × seed fp32 on 2 cores. Also reported: the
 accuracy of both against the phantom's truth in pure WM/GM voxels (median |error| %; with
@@ -211,7 +213,8 @@ def main() -> int:
     ckpt = save_checkpoint(tmp / "model.pt", {"format": FORMAT, "width": 64,
                                               "state_dict": model.state_dict(),
                                               "hyperparameters": {"scaling": "calibrated"}})
-    paths = {"default": [], "seed fp32": ["--scaling", "seed", "--precision", "fp32"]}
+    paths = {"default": [], "seed fp32": ["--scaling", "seed", "--precision", "fp32"],
+             "default, network on the whole slice": ["--network-fov", "slice"]}
     runs: dict[str, list[dict]] = {k: [] for k in paths}
     for rep in range(args.repeats):
         for name, extra in paths.items():

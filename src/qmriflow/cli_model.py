@@ -233,6 +233,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="start afresh even if last.pt exists in OUT_DIR")
     p.add_argument("--max-epochs-this-run", type=int, default=None,
                    help="stop after this many epochs (resume later with the same command)")
+    p.add_argument("--network-fov", choices=["brain", "slice"], default="brain",
+                   help="calibrated scaling, refined/network-free: the network (the data "
+                        "consistency's prior) sees the brain's bounding box (default, about "
+                        "half the work) or the whole slice")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--provenance", type=Path, help="write this step's provenance JSON here")
 
@@ -296,6 +300,10 @@ def _infer_model_args(p: argparse.ArgumentParser, contrasts_default: str | None)
     p.add_argument("--no-brain-mask", action="store_true", help="keep maps outside the brain")
     p.add_argument("--no-synth", action="store_true",
                    help="skip the re-synthesised images and difference maps")
+    p.add_argument("--network-fov", choices=["brain", "slice"], default="brain",
+                   help="calibrated scaling, refined/network-free: the network (the data "
+                        "consistency's prior) sees the brain's bounding box (default, about "
+                        "half the work) or the whole slice")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress lines on stderr (the precision line stays)")
     # the usage error of a missing --checkpoint (required unless --estimator network-free)
@@ -314,7 +322,7 @@ def _infer_kwargs(a: argparse.Namespace, contrasts: tuple[str, ...]) -> dict:
                 batch_size=a.batch_size, threads=a.threads, brain_mask=not a.no_brain_mask,
                 synth=not a.no_synth, scale_bound=a.scale_bound, scaling=a.scaling,
                 smoothing=_smoothing_of(a), estimator=a.estimator, clusters=a.clusters,
-                progress=not a.no_progress)
+                progress=not a.no_progress, network_fov=a.network_fov)
 
 
 def _report(label: str, a: argparse.Namespace, contrasts: tuple[str, ...], info: dict) -> None:

@@ -7,6 +7,14 @@ Outputs (BIDS derivatives, in the session's preprocessed space, with its affine)
     sub-X_ses-Y_space-T2w_PDmap.nii.gz    PD, arbitrary units (water = 1)
     sub-X_ses-Y_space-T2w_desc-synth_{T1w,T2w,FLAIR}.nii.gz       re-synthesised (input units)
     sub-X_ses-Y_space-T2w_desc-synthdiff_{T1w,T2w,FLAIR}.nii.gz   100·(synth − input)/input, %
+    sub-X_ses-Y_space-T2w_desc-refinestatus_dseg.nii.gz   per-voxel status of the data
+                                                          consistency (calibrated scaling)
+
+With ``scaling: seed`` the network sees exactly what the published inference feeds it
+(:mod:`qmriflow.model.published`: closest-canonical orientation, centre crop/pad to 224 × 224,
+the published mode normalisation, inputs times the brain mask) and the maps come back onto
+the input grid with its affine; published weights load as distributed (a plain state dict,
+``latest_net_G.pth``/``best_net_G.pth`` or the folder holding it).
 
 With ``scaling: calibrated`` (:mod:`qmriflow.model.calibration`) the session's per-contrast
 scales are calibrated from its own tissue medians (needs the session's ``_dseg``), the network's
@@ -308,7 +316,7 @@ def _estimator_record(estimator: str, calibrated: bool) -> dict[str, str]:
     return {"Name": estimator, "Description": text}
 
 
-BOX_MARGIN = 16
+BOX_MARGIN = 8
 """Voxels kept around the brain's in-plane bounding box when the network's field of view is
 narrowed to the brain (:func:`_brain_box`)."""
 
@@ -389,7 +397,7 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
                   smoothing: Smoothing = DEFAULT_SMOOTHING,
                   estimator: str = DEFAULT_ESTIMATOR,
                   clusters: str | Path | None = None, files: SessionFiles | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, network_fov: str = "brain") -> dict[str, Any]:
     """Predict and write one session's maps (see the module docstring); returns a summary.
 
     ``estimator`` (:data:`~qmriflow.model.calibration.ESTIMATORS`): ``refined`` (default) the
@@ -411,6 +419,9 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     folder (``qmriflow infer-nifti``; ``session_dir`` is then ignored).
     ``progress``: stage lines (and the network's slices) on stderr once the session has taken
     a few seconds; the precision chosen is always printed there.
+    ``network_fov``: ``brain`` (default) runs the network of the calibrated estimators on the
+    brain's in-plane bounding box plus :data:`BOX_MARGIN` voxels, ``slice`` on the whole
+    slice (``network-only`` and ``seed`` always see the whole slice / the published crop).
 
     With ``scaling: seed`` the network sees exactly the published pipeline's inputs
     (:mod:`qmriflow.model.published`) and its maps are written back on the input grid. With
@@ -473,7 +484,10 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     if net is not None:
         report.stage("network")
         # the calibrated estimate is the data's: the network (its prior) sees the brain's box
-        crop_net = calibrated and estimator != "network-only" and masked
+        if network_fov not in ("brain", "slice"):
+            raise ConfigError(f"network_fov must be 'brain' or 'slice', got {network_fov!r}")
+        crop_net = (network_fov == "brain" and calibrated and estimator != "network-only"
+                    and masked)
         maps = _network_maps(net, sd, sel, masked, batch_size, prep, report, crop=crop_net)
         t_net: float | None = time.perf_counter() - t1
     else:
