@@ -96,7 +96,7 @@ def stage(name: str, device: str, slices: int, threads: int = 2) -> dict:
         out["fit_voxels_per_s"] = n / res.seconds["fit"]
         out["fit_mean_iterations"] = res.info["fit"]["mean_iterations"]
     out["threads_used"] = res.info.get("threads")
-    out["readout"] = {k: v for k, v in res.info["readout"].items() if k != "estimate"}
+    out["readout"] = {k: v for k, v in res.info.get("readout", {}).items() if k != "estimate"}
     out["load_after"] = _load()
     truth_ok = res.mask.sum() > 0
     out["mask_ok"] = bool(truth_ok)
