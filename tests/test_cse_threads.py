@@ -36,6 +36,22 @@ def _series(tmp_path: Path) -> Path:
     return f
 
 
+def _pool_spy(monkeypatch):
+    """Record the max_workers of every thread pool the code creates."""
+    import concurrent.futures as cf
+
+    sizes: list[int] = []
+    orig = cf.ThreadPoolExecutor
+
+    class Pool(orig):
+        def __init__(self, max_workers=None, *a, **k):
+            sizes.append(max_workers)
+            super().__init__(max_workers, *a, **k)
+
+    monkeypatch.setattr(cf, "ThreadPoolExecutor", Pool)
+    return sizes
+
+
 def _spy(monkeypatch, module, name):
     seen: list[tuple[int, int]] = []
     orig = getattr(module, name)
@@ -53,11 +69,15 @@ def test_fit_of_a_small_series_uses_exactly_the_granted_threads(tmp_path, monkey
                                                                  threads):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)))
     seen = _spy(monkeypatch, fit_mod, "_fit_chunk")
+    pools = _pool_spy(monkeypatch)
     f = _series(tmp_path)  # ~2,200 voxels: far below one 32,768-voxel chunk
     rc = main(["cse-fit", str(f), "--out", str(tmp_path / "o"), "--method", "fit",
                "--readout", "monopolar", "--threads", str(threads)])
     assert rc == 0
-    assert len({ident for ident, _ in seen}) == threads  # one worker per granted thread
+    # one chunk per granted thread, fitted by a pool of that many workers (a pool thread may
+    # take both chunks if it is quick; never more threads than granted)
+    assert len(seen) == threads and len({ident for ident, _ in seen}) <= threads
+    assert pools == ([threads] if threads > 1 else [])
     assert {n for _, n in seen} == {1}  # each worker single-threaded: no intra-op threads
     summary = json.loads((tmp_path / "o" / "t_desc-fit_PDFFmap.json").read_text())
     assert summary["Details"]["fit"]["threads"] == threads
@@ -69,17 +89,19 @@ def test_threads_never_exceed_the_cpus_available(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
     assert fit_mod.granted_threads(2) == 2 and fit_mod.granted_threads(0) == 3
     seen = _spy(monkeypatch, fit_mod, "_fit_chunk")
+    pools = _pool_spy(monkeypatch)
     rng = np.random.default_rng(1)
     m = cse_magnitude(np.ones(300), rng.uniform(0, 1, 300), rng.uniform(0, 300, 300), TE, 3.0)
     res = fit_mod.fit_two_start(m + 0.01, TE, 3.0, 0.01,
                                 options=fit_mod.FitOptions(threads=16))
-    assert res.threads == 3 and len({i for i, _ in seen}) == 3
+    assert res.threads == 3 and len(seen) == 3 and pools == [3]
 
 
 def test_inference_of_a_small_series_uses_the_granted_threads(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     nets = net_mod.NetworkSet(("water", "fat"), 6)
     seen = _spy(monkeypatch, nets, "predict_params")
+    pools = _pool_spy(monkeypatch)
     m = np.abs(np.random.default_rng(2).normal(1, 0.1, (3000, 6))).astype(np.float32)
     net_mod.predict(nets, m, TE, 3.0, 0.01, threads=2)
-    assert len({i for i, _ in seen}) == 2 and {n for _, n in seen} == {1}
+    assert len(seen) == 2 and pools == [2] and {n for _, n in seen} == {1}
