@@ -88,6 +88,8 @@ rule params:
 rule dataset_description:
     output:
         OUT / "dataset_description.json",
+        OUT / "README.md",
+        OUT / ".bidsignore",
     params:
         outdir=OUT,
         image=CPU_IMAGE,

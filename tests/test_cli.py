@@ -173,10 +173,11 @@ def test_demo_says_where_its_reports_are(tmp_path):
     rep = tmp_path / "results" / "reports"
     rep.mkdir(parents=True)
     (rep / "cohort.html").write_text("<html></html>")
-    (rep / "sub-a_ses-b.html").write_text("<html></html>")
+    # session pages at the top of the output, as fMRIPrep places them (issue 24 finding 11)
+    (tmp_path / "results" / "sub-a_ses-b.html").write_text("<html></html>")
     msg = finish_message(tmp_path, 0)
     assert f"cohort report: {rep / 'cohort.html'}" in msg
-    assert f"1 session report(s), e.g. {rep / 'sub-a_ses-b.html'}" in msg
+    assert f"1 session report(s), e.g. {tmp_path / 'results' / 'sub-a_ses-b.html'}" in msg
     assert "failures.tsv" not in msg
     (rep / "cohort.html").unlink()
     assert f"failed sessions and their reasons: {tmp_path / 'results' / 'failures.tsv'}" in (

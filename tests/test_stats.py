@@ -32,6 +32,8 @@ from qmriflow.stats import metrics as M
 from qmriflow.stats.cohort import cluster_protocols, load_cohort
 from qmriflow.stats.tissue import session_files
 
+from .conftest import tool_missing
+
 # ---------------------------------------------------------------------------------------------
 # metrics
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +495,7 @@ def test_session_and_cohort_reports(tmp_path):
 
     chrome = _chromium()
     if chrome is None:
-        pytest.skip("no headless Chromium: HTML parsed and PNGs decoded only")
+        tool_missing("no headless Chromium: HTML parsed and PNGs decoded only")
     # session B (no re-synthesis) with and without its maps: the colour must come from them
     pages = {}
     for name in ("maps", "nomaps"):
@@ -719,15 +721,12 @@ def test_csf_row_says_it_is_partial_volume_dominated(cohort_pages):
 
 def _screenshot(page: Path, shot: Path, height: int = 12000) -> np.ndarray:
     """RGB screenshot (0-1) of ``page`` in a headless Chromium window 1400 px wide."""
-    import os
 
     import matplotlib.image as mpimg
 
     chrome = _chromium()
     if chrome is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but no headless Chromium installed")
-        pytest.skip("no headless Chromium")
+        tool_missing("no headless Chromium")
     proc = subprocess.run(
         [chrome, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
          f"--window-size=1400,{height}", f"--screenshot={shot}", page.as_uri()],
