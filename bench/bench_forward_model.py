@@ -176,14 +176,14 @@ def inversion_table(tissues: object) -> dict[str, dict[str, dict[str, float]]]:
 
 def estimator_protocols(series: list, phys: list) -> dict[str, list]:
     """The estimator's protocols for a cluster's T1w/T2w/FLAIR: the seed's TE factors, the
-    workflow's echo-train model (qmriflow.params.estimator_echo_train) with the T2w angle
+    workflow's echo-train model (qmriflow.archive.params.estimator_echo_train) with the T2w angle
     from the exam card (= the cluster's true angle, as a site would enter it) or guessed at
     150°, and an oracle with the phantom's own trains (ideal slice, b1 = 1: not available
     to any estimator; an upper bound)."""
     from dataclasses import replace
 
+    from qmriflow.archive.params import EchoTrainSettings, estimator_echo_train
     from qmriflow.epg import EchoTrain
-    from qmriflow.params import EchoTrainSettings, estimator_echo_train
     from qmriflow.phantom.generate import _series_header
 
     def entry(sp: Any) -> dict:

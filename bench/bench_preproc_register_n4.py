@@ -64,7 +64,7 @@ def run_step(args: dict, threads: int) -> dict:
 def main() -> None:
     import numpy as np
 
-    from qmriflow.convert import run_dcm2niix
+    from qmriflow.archive.convert import run_dcm2niix
     from qmriflow.phantom.generate import PhantomOptions, generate_archive
     from qmriflow.preproc.register import read_rigid_ras
 

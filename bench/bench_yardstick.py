@@ -242,7 +242,7 @@ def pipeline_config(work: Path, archive: Path) -> Path:
 
 def run_pipeline(work: Path, archive: Path) -> int:
     """``snakemake all_preproc`` on the archive (keep-going); returns its exit status."""
-    from qmriflow.demo import tool_env
+    from qmriflow.workflow.demo import tool_env
 
     cfg = pipeline_config(work, archive)
     log = work / "wf" / "snakemake.log"
@@ -261,7 +261,7 @@ def session_labels(archive: Path, manifest: dict[str, Any],
     of PatientID and StudyInstanceUID of one DICOM file per series."""
     import pydicom
 
-    from qmriflow.discover import pseudonym
+    from qmriflow.archive.discover import pseudonym
 
     out: dict[tuple[str, str], str] = {}
     for r in manifest["series"]:
@@ -298,7 +298,7 @@ def pipeline_sessions(work: Path, archive: Path, manifest: dict[str, Any],
                       rc: int) -> list[Session]:
     """The sessions the pipeline finished; one line for each it did not; stops (exit 1, with
     the Snakemake log's tail) when it finished none."""
-    from qmriflow.failures import collect
+    from qmriflow.workflow.failures import collect
 
     labels = session_labels(archive, manifest)
     t2w = {(r["subject"], r["session"]): r for r in manifest["series"] if r["role"] == "t2w"}

@@ -5,7 +5,7 @@
 import shlex
 from pathlib import Path
 
-from qmriflow.discover import is_deferred, read_sessions_tsv
+from qmriflow.archive.discover import is_deferred, read_sessions_tsv
 
 OUT = Path(config["output_dir"])
 WORK = Path(config["work_dir"])
@@ -87,7 +87,7 @@ def session_flags(wildcards):
 
 def cse_outputs(wildcards):
     """PDFF maps of every selected multi-echo GRE series of every discovered session."""
-    from qmriflow.discover import read_series_tsv
+    from qmriflow.archive.discover import read_series_tsv
 
     tsv = checkpoints.discover.get().output.series
     m = config["cse"]["method"]

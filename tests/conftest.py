@@ -8,7 +8,7 @@ from typing import NoReturn
 
 import pytest
 
-from qmriflow.demo import tool_env
+from qmriflow.workflow.demo import tool_env
 
 __all__ = ["tool_env", "tool_missing"]
 

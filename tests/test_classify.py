@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qmriflow.classify import (
+from qmriflow.archive.classify import (
     classify_series,
     gadolinium_evidence,
     header_from_sidecar,

@@ -142,15 +142,15 @@ def _usage_error(argv: list[str], capsys) -> str:
 ])
 def test_thread_and_core_counts_below_one_are_refused(argv, capsys, tmp_path, monkeypatch):
     """Issue 24 finding 5: `--cores -2` ran and provenance recorded "threads": -2."""
-    import qmriflow.demo
     import qmriflow.phantom.generate
+    import qmriflow.workflow.demo
 
     def ran(*args, **kwargs):
         raise AssertionError("the step ran with a count below 1")
 
     # (should the option be accepted, nothing is generated or run in the checkout)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(qmriflow.demo, "run_demo", ran)
+    monkeypatch.setattr(qmriflow.workflow.demo, "run_demo", ran)
     monkeypatch.setattr(qmriflow.phantom.generate, "generate_archive", ran)
     err = _usage_error(argv, capsys)
     assert "must be at least" in err
@@ -168,7 +168,7 @@ def test_cse_fit_threads_zero_keeps_its_auto_meaning():
 
 
 def test_demo_says_where_its_reports_are(tmp_path):
-    from qmriflow.demo import finish_message
+    from qmriflow.workflow.demo import finish_message
 
     rep = tmp_path / "results" / "reports"
     rep.mkdir(parents=True)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from qmriflow import physics
+from qmriflow.archive.params import intensity_scaling, validate_session_params
 from qmriflow.errors import InputError
 from qmriflow.io import save_nifti, write_json
 from qmriflow.model.cluster_scales import SessionObservation, fit_cluster, join_cluster
@@ -27,7 +28,6 @@ from qmriflow.model.clusters import (
     protocol_signature,
     same_protocol,
 )
-from qmriflow.params import intensity_scaling, validate_session_params
 
 PROTOCOLS = {"T1w": physics.Protocol("gre", 5.2, 2.3, fa_deg=10.0),
              "T2w": physics.Protocol("tse", 4000.0, 80.0),

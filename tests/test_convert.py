@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from qmriflow.convert import (
+from qmriflow.archive.convert import (
     ConvertedImage,
     dcm2niix_version,
     run_dcm2niix,
@@ -312,7 +312,7 @@ def test_sidecar_times_ms_handles_absent_and_lists():
 
 
 def test_patient_identifiers_are_scrubbed_from_messages_and_logs(tmp_path):
-    from qmriflow.convert import _phi_strings, _scrub
+    from qmriflow.archive.convert import _phi_strings, _scrub
 
     header = {**BASE_HEADER, "PatientName": "CANARYxyz^PHIgiven", "PatientID": "CANARY123",
               "PatientBirthDate": "19000101"}

@@ -122,7 +122,7 @@ def test_real_philips_dual_echo_is_refused(tmp_path: Path):
     src = SHARED_DATA / "dicom" / "philips_dualecho_ffe"
     if not src.is_dir():
         pytest.skip(f"{src} absent (shared test data not mounted)")
-    from qmriflow.convert import find_dcm2niix, run_dcm2niix
+    from qmriflow.archive.convert import find_dcm2niix, run_dcm2niix
 
     try:
         find_dcm2niix()

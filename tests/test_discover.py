@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qmriflow.convert import run_dcm2niix
-from qmriflow.discover import (
+from qmriflow.archive.convert import run_dcm2niix
+from qmriflow.archive.discover import (
     SERIES_COLUMNS,
     SESSION_COLUMNS,
     bids_metadata,

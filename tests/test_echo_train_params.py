@@ -1,4 +1,4 @@
-"""Which echo train the estimator simulates for a T2w/FLAIR series (qmriflow.params), and
+"""Which echo train the estimator simulates for a T2w/FLAIR series (qmriflow.archive.params), and
 that the cluster fit's batched signals follow it."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from qmriflow import physics
+from qmriflow.archive.params import ASSUMED_3D_SCHEDULE, EchoTrainSettings, estimator_echo_train
 from qmriflow.epg import EchoTrain
 from qmriflow.model.cluster_scales import _batched_signals
-from qmriflow.params import ASSUMED_3D_SCHEDULE, EchoTrainSettings, estimator_echo_train
 
 
 def _t2w(**kw: object) -> dict:

@@ -14,8 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from qmriflow.archive.ingest import MAX_VOXEL_MM, MIN_MATRIX, MIN_SLICES, ingest_session
 from qmriflow.errors import InputError
-from qmriflow.ingest import MAX_VOXEL_MM, MIN_MATRIX, MIN_SLICES, ingest_session
 
 SUB, SES = "ab12", "v1"
 LABEL = f"sub-{SUB}_ses-{SES}"

@@ -36,9 +36,9 @@ import numpy as np
 import pytest
 import yaml
 
-from qmriflow.discover import discover_dicom_tables, file_ref, pseudonym
+from qmriflow.archive.discover import discover_dicom_tables, file_ref, pseudonym
 from qmriflow.errors import ConfigError
-from qmriflow.nightly import EXIT_LOCKED, run_nightly, write_done_marker
+from qmriflow.workflow.nightly import EXIT_LOCKED, run_nightly, write_done_marker
 
 from .conftest import REPO, rewrite_study, tool_env
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from qmriflow.convert import run_dcm2niix
-from qmriflow.discover import discover
-from qmriflow.errors import InputError
-from qmriflow.io import write_json
-from qmriflow.params import (
+from qmriflow.archive.convert import run_dcm2niix
+from qmriflow.archive.discover import discover
+from qmriflow.archive.params import (
     extract_series_params,
     extract_session_params,
     validate_session_params,
 )
+from qmriflow.errors import InputError
+from qmriflow.io import write_json
 from qmriflow.phantom.generate import CANARY, CANARY_BIRTH_DATE
 from qmriflow.physics import TECorrection
 from tests.conftest import SHARED_DATA
@@ -69,7 +69,7 @@ def phantom_tables(phantom_archive):
 
 def _dicom_dir(converted, folder_ref_: str) -> str:
     """The manifest's ``dicom_dir`` behind a series table's (salted, non-identifying) folder."""
-    from qmriflow.discover import folder_ref
+    from qmriflow.archive.discover import folder_ref
 
     (hit,) = [d for d in converted
               if folder_ref(d.removeprefix("dicom/"), "params-salt") == folder_ref_]

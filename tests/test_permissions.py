@@ -11,9 +11,9 @@ import stat
 import numpy as np
 import pytest
 
-from qmriflow.discover import write_tables
-from qmriflow.failures import record_failure, write_failures_tsv
+from qmriflow.archive.discover import write_tables
 from qmriflow.io import atomic_path, current_umask, make_temp_dir, save_nifti, write_json
+from qmriflow.workflow.failures import record_failure, write_failures_tsv
 
 
 @pytest.fixture(params=[0o022, 0o027])

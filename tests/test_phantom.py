@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qmriflow import physics
-from qmriflow.convert import run_dcm2niix
+from qmriflow.archive.convert import run_dcm2niix
 from qmriflow.phantom import protocols
 from qmriflow.phantom.generate import CANARY, CANARY_BIRTH_DATE
 

@@ -18,7 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from qmriflow.convert import find_dcm2niix, run_dcm2niix
+from qmriflow.archive.convert import find_dcm2niix, run_dcm2niix
 from qmriflow.errors import InputError
 from qmriflow.model import calibration
 from qmriflow.phantom import protocols, tissues

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from scipy import ndimage
 
-from qmriflow.discover import pseudonym
+from qmriflow.archive.discover import pseudonym
 from qmriflow.phantom.generate import CANARY
 
 from .conftest import REPO, assert_no_identifiers, rewrite_study, tool_env

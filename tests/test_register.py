@@ -93,7 +93,7 @@ def anatomy_shift_mm(out: np.ndarray, src: np.ndarray, src_affine: np.ndarray,
 def convert_sessions(phantom_archive: Path, manifest: dict, tmp_root: Path,
                      n_sessions: int = N_SESSIONS) -> dict:
     """dcm2niix the T1w/T2w/FLAIR of ``n_sessions`` sessions (different subjects first)."""
-    from qmriflow.convert import run_dcm2niix
+    from qmriflow.archive.convert import run_dcm2niix
 
     rows: dict[tuple[str, str], dict[str, dict]] = {}
     for r in manifest["series"]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qmriflow.runner import EXIT_LOCKED, RUN_ID_VAR, run_processes, stop_processes
+from qmriflow.workflow.runner import EXIT_LOCKED, RUN_ID_VAR, run_processes, stop_processes
 
 from .conftest import tool_env
 

@@ -20,8 +20,8 @@ from qmriflow.model.infer import infer_session, map_paths
 from qmriflow.model.network import SharedAttnUNet
 from qmriflow.preproc import segment as segment_mod
 from qmriflow.preproc import skullstrip
-from qmriflow.provenance import write_step
 from qmriflow.synth import synthesise_files
+from qmriflow.workflow.provenance import write_step
 
 from .test_model_train import write_tiny_session
 

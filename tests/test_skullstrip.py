@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from qmriflow.convert import run_dcm2niix
+from qmriflow.archive.convert import run_dcm2niix
 from qmriflow.errors import InputError, ToolError
 from qmriflow.io import save_nifti, sidecar_path
 from qmriflow.preproc import skullstrip

@@ -117,7 +117,7 @@ def test_workflow_discovers_and_converts_every_session(phantom_archive, manifest
     assert assert_no_identifiers(tmp_path) > 50
     # pseudonyms are stable for a salt and change with it
     tsv = (tmp_path / "work" / "sessions.tsv").read_text()
-    from qmriflow.discover import discover
+    from qmriflow.archive.discover import discover
 
     again, _ = discover(phantom_archive / "dicom", "test-salt-123")
     assert all(r["subject"] in tsv and r["session"] in tsv for r in again)

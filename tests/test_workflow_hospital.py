@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
-from qmriflow.discover import pseudonym
+from qmriflow.archive.discover import pseudonym
 
 from .conftest import REPO, tool_env
 from .phi import phi_hits, phi_hits_in_text
@@ -166,7 +166,7 @@ def test_outputs_follow_the_umask(hospital_run):
 
 def test_tables_keep_no_archive_name(hospital_run):
     """series.tsv names folders by salted hashes that resolve back to the series' files."""
-    from qmriflow.discover import read_series_tsv, series_files
+    from qmriflow.archive.discover import read_series_tsv, series_files
 
     run = hospital_run
     rows = read_series_tsv(run["work"] / "series.tsv")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_path, write_json
+from ..io import atomic_path, write_json
 
 COLUMNS = ("session", "step", "reason", "time")
 

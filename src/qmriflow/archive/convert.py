@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, InputError, ToolError
-from .io import sidecar_path, write_json
+from ..errors import ConfigError, InputError, ToolError
+from ..io import sidecar_path, write_json
 
 __all__ = [
     "ConvertedImage",

@@ -5,7 +5,7 @@ Two steps, kept apart:
 
 * :func:`extract_series_params` turns one sidecar into numbers (ms, degrees, tesla) exactly as
   the sidecar says them (TR 2217.66, not rounded: seconds × 1000 rounded to 1e-9 ms, as
-  :func:`qmriflow.convert.sidecar_times_ms`); it never refuses a value;
+  :func:`qmriflow.archive.convert.sidecar_times_ms`); it never refuses a value;
 * :func:`validate_session_params` refuses what no signal model may use, with a one-line
   :class:`~qmriflow.errors.InputError` naming the session and the sidecar.
 
@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..epg import EchoTrain, variable_flip_schedule
+from ..errors import InputError
+from ..physics import SEQUENCES, TECorrection, te_correction_factor
 from .classify import image_kind
-from .epg import EchoTrain, variable_flip_schedule
-from .errors import InputError
-from .physics import SEQUENCES, TECorrection, te_correction_factor
 
 __all__ = [
     "ASSUMED_3D_SCHEDULE",

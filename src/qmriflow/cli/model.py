@@ -10,9 +10,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from .cli import _provenance, _session_args, _with_session, arguments, command, positive_int
-from .errors import ConfigError
-from .model.calibration import (
+from ..errors import ConfigError
+from ..model.calibration import (
     DEFAULT_ESTIMATOR,
     DEFAULT_METHOD,
     DEFAULT_SMOOTHING,
@@ -20,6 +19,7 @@ from .model.calibration import (
     SMOOTHING_GUIDES,
     Smoothing,
 )
+from . import _provenance, _session_args, _with_session, arguments, command, positive_int
 
 CONTRAST_CHOICES = ("T1w", "T2w", "FLAIR")
 
@@ -90,7 +90,7 @@ def _results_sessions(a: argparse.Namespace) -> list[Path]:
 
 
 def _cluster_doc(path: Path | None) -> dict | None:
-    from .model.clusters import load_clusters
+    from ..model.clusters import load_clusters
 
     return None if path is None else load_clusters(path)
 
@@ -98,7 +98,7 @@ def _cluster_doc(path: Path | None) -> dict | None:
 @command("pack", "normalise preprocessed sessions once and pack their slices for training")
 @arguments(_pack_args)
 def _pack(a: argparse.Namespace) -> int:
-    from .model.data import pack_sessions
+    from ..model.data import pack_sessions
 
     index = pack_sessions(_results_sessions(a), a.out_dir,
                           min_head_fraction=a.min_head_fraction,
@@ -116,7 +116,7 @@ def _pack(a: argparse.Namespace) -> int:
 
 
 def _cluster_fit_args(p: argparse.ArgumentParser) -> None:
-    from .model.clusters import DEFAULT_MIN_SESSIONS, DEFAULT_TOLERANCE
+    from ..model.clusters import DEFAULT_MIN_SESSIONS, DEFAULT_TOLERANCE
 
     p.add_argument("out_json", type=Path, help="clusters.json to write")
     p.add_argument("session_dirs", type=Path, nargs="*",
@@ -150,8 +150,8 @@ def _cluster_fit_args(p: argparse.ArgumentParser) -> None:
 def _cluster_fit(a: argparse.Namespace) -> int:
     import json
 
-    from .errors import InputError
-    from .model.clusters import fit_clusters
+    from ..errors import InputError
+    from ..model.clusters import fit_clusters
 
     calibration = None
     if a.calibration:
@@ -211,7 +211,7 @@ def _hyper_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(a: argparse.Namespace):
-    from .model.train import TrainConfig
+    from ..model.train import TrainConfig
 
     return TrainConfig(
         width=a.width, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
@@ -244,7 +244,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @command("train", "train the self-supervised relaxometry network on packed slices")
 @arguments(_train_args)
 def _train(a: argparse.Namespace) -> int:
-    from .model.train import train
+    from ..model.train import train
 
     summary = train(a.pack_dir, a.out_dir, _train_config(a), resume=not a.no_resume,
                     progress=not a.no_progress, max_epochs_this_run=a.max_epochs_this_run)
@@ -340,8 +340,8 @@ def _report(label: str, a: argparse.Namespace, contrasts: tuple[str, ...], info:
 @command("infer", "T1/T2/PD maps of one session with a trained relaxometry network")
 @arguments(_infer_args)
 def _infer(a: argparse.Namespace) -> int:
-    from .ingest import session_label
-    from .model.infer import infer_session
+    from ..archive.ingest import session_label
+    from ..model.infer import infer_session
 
     if a.checkpoint is None and a.estimator != "network-free":
         a.infer_parser.error("the following arguments are required: --checkpoint")
@@ -401,8 +401,8 @@ def _infer_nifti_args(p: argparse.ArgumentParser) -> None:
 def _nifti_images(a: argparse.Namespace) -> dict[str, Path]:
     """Contrast → image from --t1w/--t2w/--flair and the positional names; a contrast given
     twice, or a positional name without a contrast suffix, is an InputError."""
-    from .errors import InputError
-    from .model.nifti_inputs import contrast_of_name
+    from ..errors import InputError
+    from ..model.nifti_inputs import contrast_of_name
 
     found: dict[str, list[Path]] = {c: list(getattr(a, c.lower()) or []) for c in
                                     CONTRAST_CHOICES}
@@ -421,7 +421,7 @@ def _nifti_images(a: argparse.Namespace) -> dict[str, Path]:
 
 def _nifti_protocol(a: argparse.Namespace, images: dict[str, Path], row_ids: list[str]
                     ) -> tuple[dict, Path | None]:
-    from .model.nifti_inputs import read_protocol_file
+    from ..model.nifti_inputs import read_protocol_file
 
     fields = read_protocol_file(a.protocol, row_ids) if a.protocol is not None else {}
     for c in CONTRAST_CHOICES:
@@ -445,10 +445,10 @@ def _infer_nifti(a: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from .errors import InputError
-    from .ingest import session_label
-    from .model.infer import infer_session
-    from .model.nifti_inputs import label_from_names, stage_session
+    from ..archive.ingest import session_label
+    from ..errors import InputError
+    from ..model.infer import infer_session
+    from ..model.nifti_inputs import label_from_names, stage_session
 
     if a.checkpoint is None and a.estimator != "network-free":
         a.infer_parser.error("the following arguments are required: --checkpoint")
@@ -509,7 +509,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 @command("search", "Optuna search over the seed's hyper-parameter space (Table B.1; optional)")
 @arguments(_search_args)
 def _search(a: argparse.Namespace) -> int:
-    from .model.search import run_search
+    from ..model.search import run_search
 
     res = run_search(a.pack_dir, a.out_dir, trials=a.trials, epochs=a.epochs, width=a.width,
                      steps_per_epoch=a.steps_per_epoch, seed=a.seed, device=a.device,

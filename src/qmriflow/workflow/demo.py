@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .phantom.generate import PhantomOptions, generate_archive
+from ..phantom.generate import PhantomOptions, generate_archive
 
 
 def repo_root() -> Path:

@@ -37,9 +37,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import load_config
-from .errors import ConfigError
-from .io import write_json
+from ..config import load_config
+from ..errors import ConfigError
+from ..io import write_json
 
 __all__ = ["EXIT_LOCKED", "RUN_ID_VAR", "run_processes", "run_workflow", "stop_processes"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import _provenance, _with_session, arguments, command, count_or_auto
+from . import _provenance, _with_session, arguments, command, count_or_auto
 
 __all__: list[str] = []
 
@@ -62,7 +62,7 @@ def _device(name: str) -> str:
                     "(self-supervised dual network, single network or two-start fit)")
 @arguments(_fit_args)
 def _cse_fit(a: argparse.Namespace) -> int:
-    from .cse import CseOptions, FitOptions, TrainOptions, load_series, run_cse, write_outputs
+    from ..cse import CseOptions, FitOptions, TrainOptions, load_series, run_cse, write_outputs
 
     label = f"sub-{a.subject}_ses-{a.session}" if a.subject and a.session else None
     dev = _device(a.device)
@@ -70,7 +70,7 @@ def _cse_fit(a: argparse.Namespace) -> int:
     def work() -> dict:
         import torch
 
-        from .cse.fit import granted_threads
+        from ..cse.fit import granted_threads
 
         # the process never runs more threads than granted (stray ops included)
         torch.set_num_threads(granted_threads(a.threads))
@@ -113,7 +113,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                      "optionally, agreement on the ISMRM 2012 challenge cases")
 @arguments(_eval_args)
 def _cse_eval(a: argparse.Namespace) -> int:
-    from .cse.report import run_evaluation
+    from ..cse.report import run_evaluation
 
     summary = run_evaluation(a.out, reps=a.reps, n_pdff=a.n_pdff, n_r2star=a.n_r2star,
                              snr=a.snr, seed=a.seed, max_epochs=a.max_epochs,

@@ -44,10 +44,10 @@ from typing import Any, TextIO
 
 import yaml
 
-from .config import load_config
-from .discover import is_deferred, read_sessions_tsv
-from .errors import ConfigError
-from .io import atomic_path, sha256_file, write_json
+from ..archive.discover import is_deferred, read_sessions_tsv
+from ..config import load_config
+from ..errors import ConfigError
+from ..io import atomic_path, sha256_file, write_json
 
 __all__ = ["EXIT_LOCKED", "REPORT_COLUMNS", "run_nightly", "write_done_marker"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import _provenance, _session_args, _with_session, arguments, command, positive_int
+from . import _provenance, _session_args, _with_session, arguments, command, positive_int
 
 # ---------------------------------------------------------------------------------------------
 # stats (per session)
@@ -28,8 +28,8 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
 @command("stats", "T1/T2/PD mean, SD, median and voxel count in eroded WM, GM (and CSF)")
 @arguments(_stats_args)
 def _stats(a: argparse.Namespace) -> int:
-    from .stats.pipeline import run_session_stats
-    from .stats.tissue import session_files
+    from ..stats.pipeline import run_session_stats
+    from ..stats.tissue import session_files
 
     files = session_files(a.session_dir, a.subject, a.session)
     info = _with_session(files.label, lambda: run_session_stats(files, a.out_tsv, a.out_hist))
@@ -65,7 +65,7 @@ def _cohort_args(p: argparse.ArgumentParser) -> None:
                    "PDFF/R2* per multi-echo series")
 @arguments(_cohort_args)
 def _cohort(a: argparse.Namespace) -> int:
-    from .stats.pipeline import run_cohort
+    from ..stats.pipeline import run_cohort
 
     tsvs = list(a.tsvs)
     if a.results_dir is not None:
@@ -74,7 +74,7 @@ def _cohort(a: argparse.Namespace) -> int:
     tsvs = sorted(set(tsvs))
     cse = list(a.cse_maps)
     if a.results_dir is not None:
-        from .stats.cse import find_cse_series
+        from ..stats.cse import find_cse_series
 
         for d in sorted(Path(a.results_dir).glob("sub-*/ses-*/anat")):
             cse += [s.pdff for s in find_cse_series(d, f"{d.parent.parent.name}_"
@@ -120,7 +120,7 @@ def _repro_args(p: argparse.ArgumentParser) -> None:
 @command("repro", "within-subject reproducibility: register later sessions, r / CCC / rel. diff")
 @arguments(_repro_args)
 def _repro(a: argparse.Namespace) -> int:
-    from .stats.pipeline import run_repro
+    from ..stats.pipeline import run_repro
 
     dirs = list(a.session_dirs)
     if a.results_dir is not None:
@@ -153,8 +153,8 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 @command("report", "self-contained HTML QC page of one session")
 @arguments(_report_args)
 def _report(a: argparse.Namespace) -> int:
-    from .stats.report import session_report
-    from .stats.tissue import session_files
+    from ..stats.report import session_report
+    from ..stats.tissue import session_files
 
     files = session_files(a.session_dir, a.subject, a.session)
     warnings = _with_session(files.label, lambda: {"warnings": session_report(
@@ -174,7 +174,7 @@ def _report_cohort_args(p: argparse.ArgumentParser) -> None:
 @command("report-cohort", "self-contained HTML page of the cohort analysis")
 @arguments(_report_cohort_args)
 def _report_cohort(a: argparse.Namespace) -> int:
-    from .stats.report import cohort_report
+    from ..stats.report import cohort_report
 
     cohort_report(a.out_html, a.cohort_dir, a.repro_dir, a.repro_figures_dir)
     print(f"cohort report {a.out_html}")

@@ -1,7 +1,7 @@
 """Classify MR series from header fields, and pick one series per role in a session.
 
 Everything here is a pure function of header values (DICOM keywords, or dcm2niix/BIDS sidecar
-fields), so the rules can be unit-tested without files. :mod:`qmriflow.discover` reads the
+fields), so the rules can be unit-tested without files. :mod:`qmriflow.archive.discover` reads the
 headers and calls these functions.
 
 Roles and sequence families (``physics.SEQUENCES`` plus ``megre``):

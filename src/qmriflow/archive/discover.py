@@ -7,8 +7,8 @@ files and folders are skipped, and so are obviously non-DICOM files such as ``*.
 ``*.json``, ``*.xml``, ``*.pdf``, images); only headers are read (pydicom, pixel data
 skipped). Files are grouped into series by SeriesInstanceUID and series into sessions by
 (PatientID, StudyInstanceUID). Each series is classified from its header
-(:mod:`qmriflow.classify`) and one series per role T1w/T2w/FLAIR is selected per session, plus
-every multi-echo GRE series.
+(:mod:`qmriflow.archive.classify`) and one series per role T1w/T2w/FLAIR is selected per
+session, plus every multi-echo GRE series.
 
 Session status (one line, ``sessions.tsv``):
 
@@ -63,6 +63,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, InputError
+from ..io import atomic_path
 from .classify import (
     REQUIRED_ROLES,
     SeriesHeader,
@@ -71,8 +73,6 @@ from .classify import (
     select_session,
     summarise_headers,
 )
-from .errors import ConfigError, InputError
-from .io import atomic_path
 
 __all__ = [
     "SERIES_COLUMNS",

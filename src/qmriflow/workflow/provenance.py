@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .io import atomic_path, write_json
+from .. import __version__
+from ..io import atomic_path, write_json
 
 BIDS_VERSION = "1.10.0"
 CODE_URL = "https://github.com/qmriflow/qmriflow"

@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError, QmriflowError
+from ..io import make_temp_dir, sidecar_path, write_json
 from .convert import ConvertedImage, dcm2niix_version, run_dcm2niix
-from .errors import InputError, QmriflowError
-from .io import make_temp_dir, sidecar_path, write_json
 
 ROLE_SUFFIX = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR"}
 REQUIRED_ROLES = ("t1w", "t2w", "flair")
