@@ -196,8 +196,11 @@ def test_tissue_value_maps_blend_in_log_space():
 
 def test_default_estimator_is_refined(session, checkpoint, tmp_path):
     label = _label(session)
-    infer_session(session, checkpoint, tmp_path / "d", synth=False, **RUN)
-    infer_session(session, checkpoint, tmp_path / "r", synth=False, estimator="refined", **RUN)
+    # the whole slice through the network, so that the test's own predict_maps call below
+    # is the network's field of view (the default, "brain", feeds only the brain's box)
+    infer_session(session, checkpoint, tmp_path / "d", synth=False, network_fov="slice", **RUN)
+    infer_session(session, checkpoint, tmp_path / "r", synth=False, estimator="refined",
+                  network_fov="slice", **RUN)
     got = _maps(tmp_path / "d", label)
     np.testing.assert_array_equal(got, _maps(tmp_path / "r", label))
     side = _sidecar(map_paths(tmp_path / "d", label)["T1map"])
