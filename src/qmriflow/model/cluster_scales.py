@@ -41,7 +41,7 @@ import numpy as np
 from scipy import optimize, sparse
 
 from .. import physics
-from .calibration import (
+from .calibration.scales import (
     _LOG_HI,
     _LOG_LO,
     PARAMS,
