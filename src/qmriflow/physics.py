@@ -21,6 +21,9 @@ Conventional-MRI models follow seed 000 (appendix A and F). T2 (not T2*) is used
 as in the seed. ``1e-6`` is added to the relaxation times in the exponents and to the
 spoiled-GRE denominator, as in the published implementation, so that background voxels with
 T1 = T2 = 0 give finite values and gradients.
+
+One module on purpose: it owns every signal equation (one function per piece of physics) and
+every branch imports it; splitting it would scatter the physics it exists to keep in one place.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ short TE and small flip angle mean gradient echo.
 
 Phase images mixed into a magnitude series (Philips writes both into one series) are set aside:
 the series is classified from its magnitude images.
+
+Long because the header rules for every role and vendor are kept together, as one table of
+rules, so they can be read and tested side by side.
 """
 
 from __future__ import annotations

@@ -43,6 +43,10 @@ The ``series_uid`` column holds the SeriesInstanceUID (needed to separate severa
 stored in one folder): keep ``series.tsv`` inside the work folder.
 
 BIDS input (:func:`discover_bids`): see its docstring; subject/session labels are kept.
+
+Long because discovery is one pass over the archive that applies the privacy rules (pseudonyms,
+salted file and folder references, quiet-period deferral) to everything it reads; the parts
+share that state.
 """
 
 from __future__ import annotations

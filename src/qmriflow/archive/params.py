@@ -27,6 +27,9 @@ the excitation TR (≈ 6.5 ms) while the IR-GRE model needs the time between inv
 Philips keeps in private tags only — computed with the excitation TR the model would be wrong
 by orders of magnitude, so the session is refused rather than processed silently
 (../shared/NOTES.md E).
+
+Long because each parameter's extraction and its validation (per sequence type and vendor) sit
+together, with the echo-train choice that depends on them.
 """
 
 from __future__ import annotations

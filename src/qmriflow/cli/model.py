@@ -2,6 +2,9 @@
 
 Registered on ``qmriflow.cli`` with the same decorators as the other steps; imported lazily by
 :func:`qmriflow.cli.build_parser`.
+
+Long because it holds the argument definitions of six model steps (pack, cluster-fit, train,
+infer, infer-nifti, search); no science.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ The statistics of :mod:`qmriflow.model.cluster_scales` applied to preprocessed s
 * :func:`session_calibration`: the scales a session's maps are made with — its cluster's fit,
   joining a fitted cluster without refitting it, or the per-session calibration (with the
   reason) — used by ``pack`` and ``infer``.
+
+Long because clustering sessions by protocol and reading/writing the clusters' fitted gains go
+together (one file format).
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ into a packed folder:
 
 Files are written under temporary names and renamed at the end: a folder either has a complete
 pack or none.
+
+Long because loading, normalising and packing sessions for training and inference share the same
+session and mask handling.
 """
 
 from __future__ import annotations

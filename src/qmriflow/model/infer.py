@@ -43,6 +43,9 @@ bounded least-squares scale over the session's head (as in training) and the his
 so it is directly comparable with the preprocessed input (seed fig. D.1). Every sidecar names
 the estimator, the checkpoint and its SHA-256 (null without a network), the input contrasts
 used and the input files.
+
+Long because it is the one code path of a session's inference (network, estimators, uncertainty,
+sidecars), shared by ``infer``, ``infer-nifti`` and the workflow.
 """
 
 from __future__ import annotations

@@ -32,6 +32,9 @@ dcm2niix (the PyPI wheel the pipeline runs, v1.0.20260724, without ``-p``, i.e. 
   noise, so ``global_scale == gain``; ``noise_sigma`` is in the same (FP) units;
 * ``display_scale`` = gain · RS · SS: the same for a ``-p n`` (DV) conversion, whose noise SD
   is noise_sigma · RS · SS.
+
+Long because it assembles a whole archive (subjects, sessions, series, ground truth, manifest)
+from the phantom's parts; the parts live in the sibling modules.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ by :func:`qmriflow.io.save_nifti` describe the same geometry.
 
 Every moving image is resampled once, from its own voxels, through the composed transform
 (registration matrix, then the moving image's own geometry): no intermediate image.
+
+Long because registration, resampling onto the 224 x 224 grid and the checks of both share one
+set of geometry helpers; the step is one rule.
 """
 
 from __future__ import annotations

@@ -48,6 +48,9 @@ N4 against 0.87 / 0.89-0.90 with the true field divided out (class-core medians 
 endmembers); with 4 fitting levels the residual field follows the anatomy and Dice drops to
 0.76-0.79. A polynomial residual-bias refinement from the tissue classes was tried and did
 not help.
+
+Long because it keeps two backends (Atropos, FSL FAST) behind one interface, plus the CSF-
+distance erosion they share.
 """
 
 from __future__ import annotations

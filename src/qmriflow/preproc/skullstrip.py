@@ -41,6 +41,9 @@ bench/bench_skullstrip_segment.py):
 
 Post-processing (every backend): largest 26-connected component, 3D hole filling. The result is
 refused (:class:`ToolError`) when empty or outside ``[min_volume_ml, max_volume_ml]``.
+
+Long because it keeps three backends (HD-BET, deepbet, HD-BET 2) behind one interface, with
+their provenance and the CSF fill.
 """
 
 from __future__ import annotations

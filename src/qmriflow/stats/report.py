@@ -18,6 +18,8 @@ Layout: the page uses the window's full width and every figure scales to it. Eve
 states its units in its column headers; T1/T2 are shown in ms (stored in s), PD in a.u., PDFF
 in %, R2* in 1/s. The CSF row is marked: its mask is dseg label 3 (not eroded) and its
 values are partial-volume dominated.
+
+Long because the session and the cohort pages share their HTML building blocks.
 """
 
 from __future__ import annotations
