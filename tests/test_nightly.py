@@ -292,7 +292,7 @@ def test_night_1_processes_the_first_two_sessions(nights: dict) -> None:
     assert rc == 0, log[-3000:]
     assert _by_status(rows) == {"new": set(nights["first"])}
     cohort = list(csv.DictReader(nights["cohort1"].splitlines(), delimiter="\t"))
-    assert {f"sub-{r['subject']}_ses-{r['session']}" for r in cohort} == set(nights["first"])
+    assert {f"{r['participant_id']}_{r['session_id']}" for r in cohort} == set(nights["first"])
 
 
 @pytest.mark.slow
@@ -321,7 +321,7 @@ def test_night_2_processes_exactly_the_new_good_sessions(nights: dict) -> None:
     assert nights["mtimes2"] == nights["mtimes1"]
     # the cohort table grew by the two new sessions
     cohort = list(csv.DictReader(nights["cohort2"].splitlines(), delimiter="\t"))
-    assert {f"sub-{r['subject']}_ses-{r['session']}" for r in cohort} == {
+    assert {f"{r['participant_id']}_{r['session_id']}" for r in cohort} == {
         *nights["first"], *nights["good"]}
 
 
