@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import json
 import os
 import subprocess
@@ -48,11 +47,10 @@ from ..archive.discover import is_deferred, read_sessions_tsv
 from ..config import load_config
 from ..errors import ConfigError
 from ..io import atomic_path, sha256_file, write_json
+from .runner import EXIT_LOCKED, exclusive_lock, lock_holder, snakemake_lock_held
 
 __all__ = ["EXIT_LOCKED", "REPORT_COLUMNS", "run_nightly", "write_done_marker"]
 
-#: exit status of a nightly run that found another one running (EX_TEMPFAIL)
-EXIT_LOCKED = 75
 REPORT_COLUMNS = ("session", "status", "attempts", "reason")
 _SNAKEMAKE_LOCKED = "Directory cannot be locked"
 
@@ -94,35 +92,6 @@ def _load_state(path: Path) -> dict[str, Any]:
             if isinstance(state, dict) and isinstance(state.get("sessions"), dict):
                 return state
     return {"sessions": {}, "runs": []}
-
-
-@contextlib.contextmanager
-def _nightly_lock(path: Path) -> Any:
-    """Yield the open lock file (its descriptor is passed on to Snakemake so the lock lasts
-    as long as the run), or None if another nightly run holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = path.open("a+")
-    try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield None
-            return
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(),
-                             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-        fh.flush()
-        yield fh
-    finally:
-        fh.close()
-
-
-def _holder(path: Path) -> str:
-    with contextlib.suppress(OSError, ValueError):
-        info = json.loads(path.read_text().splitlines()[0])
-        return f"pid {info['pid']}, started {info['started']}"
-    return "unknown process"
 
 
 def _failure_reasons(failures: Path, since: float) -> dict[str, str]:
@@ -205,10 +174,10 @@ def run_nightly(
     ndir = work / "nightly"
     root = repo_root()
     env = env or tool_env()
-    with _nightly_lock(ndir / "nightly.lock") as lock:
+    with exclusive_lock(ndir / "nightly.lock") as lock:
         if lock is None:
             print(f"qmriflow nightly: another nightly run is in progress on {work} "
-                  f"({_holder(ndir / 'nightly.lock')}); this one exits and changes nothing")
+                  f"({lock_holder(ndir / 'nightly.lock')}); this one exits and changes nothing")
             return EXIT_LOCKED
         ckpt = Path(cfg["model"]["checkpoint"])
         ckpt = ckpt if ckpt.is_absolute() else cwd / ckpt
@@ -244,8 +213,7 @@ def run_nightly(
         state["running"] = True
         write_json(state_path, state)
         with log_path.open("w") as log:
-            if was_running and (cwd / ".snakemake" / "locks").is_dir() and any(
-                    (cwd / ".snakemake" / "locks").iterdir()):
+            if was_running and snakemake_lock_held(cwd):
                 log.write("previous nightly run was interrupted: removing its stale lock\n")
                 _snakemake([*base, *configs(given_up), "--unlock"], log, lock.fileno(), env,
                            cwd)

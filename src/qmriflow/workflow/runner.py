@@ -41,9 +41,10 @@ from ..config import load_config
 from ..errors import ConfigError
 from ..io import write_json
 
-__all__ = ["EXIT_LOCKED", "RUN_ID_VAR", "run_processes", "run_workflow", "stop_processes"]
+__all__ = ["EXIT_LOCKED", "RUN_ID_VAR", "exclusive_lock", "lock_holder", "run_processes",
+           "run_workflow", "snakemake_lock_held", "stop_processes"]
 
-#: exit status when another run holds the lock (EX_TEMPFAIL, as ``qmriflow nightly``)
+#: exit status when another run holds the lock (EX_TEMPFAIL; ``qmriflow nightly`` too)
 EXIT_LOCKED = 75
 #: environment variable carrying the run id into Snakemake and every job it starts
 RUN_ID_VAR = "QMRIFLOW_RUN_ID"
@@ -80,8 +81,10 @@ def stop_processes(run_id: str, *, grace_s: float = 10.0) -> list[int]:
 
 
 @contextlib.contextmanager
-def _run_lock(path: Path) -> Iterator[Any]:
-    """The open lock file, or None when another run holds it."""
+def exclusive_lock(path: Path) -> Iterator[Any]:
+    """Yield the open lock file, holding an ``flock`` on it and naming this process in it
+    (pass its descriptor on to Snakemake so that the lock lasts as long as the run), or None
+    when another process holds it. Used by ``qmriflow run`` and ``qmriflow nightly``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = path.open("a+")
     try:
@@ -100,7 +103,8 @@ def _run_lock(path: Path) -> Iterator[Any]:
         fh.close()
 
 
-def _holder(path: Path) -> str:
+def lock_holder(path: Path) -> str:
+    """Who holds the lock file written by :func:`exclusive_lock` (for the refusal message)."""
     with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
         info = json.loads(path.read_text().splitlines()[0])
         return f"pid {info['pid']}, started {info['started']}"
@@ -138,7 +142,8 @@ def _snakemake(cmd: Sequence[str], env: dict[str, str], cwd: Path, lock_fd: int)
             signal.signal(s, h)
 
 
-def _snakemake_lock_held(cwd: Path) -> bool:
+def snakemake_lock_held(cwd: Path) -> bool:
+    """Whether Snakemake's own working-directory lock is present in ``cwd``."""
     locks = cwd / ".snakemake" / "locks"
     return locks.is_dir() and any(locks.iterdir())
 
@@ -171,9 +176,9 @@ def run_workflow(
             "--configfile", str(configfile)]
     if cores:
         base += ["--cores", str(cores)]
-    with _run_lock(rdir / "run.lock") as lock:
+    with exclusive_lock(rdir / "run.lock") as lock:
         if lock is None:
-            _say(f"another qmriflow run is in progress on {cwd} ({_holder(rdir / 'run.lock')});"
+            _say(f"another qmriflow run is in progress on {cwd} ({lock_holder(rdir / 'run.lock')});"
                  " this one exits and changes nothing")
             return EXIT_LOCKED
         state_path = rdir / "state.json"
@@ -183,8 +188,8 @@ def run_workflow(
             left = stop_processes(old_id, grace_s=grace_s) if old_id else []
             _say(f"the run started {prev.get('started', '?')} did not end cleanly: stopped "
                  f"{len(left)} process(es) it left running"
-                 + (", removing its stale lock" if _snakemake_lock_held(cwd) else ""))
-            if _snakemake_lock_held(cwd):
+                 + (", removing its stale lock" if snakemake_lock_held(cwd) else ""))
+            if snakemake_lock_held(cwd):
                 rc = _snakemake([*base, "--unlock"], env, cwd, lock.fileno())
                 if rc != 0:
                     _say(f"snakemake --unlock failed (exit {rc})")
