@@ -248,6 +248,88 @@ def test_pin_maps_moves_along_the_family_and_back():
     np.testing.assert_array_equal(untouched, truth)
 
 
+def test_log_jacobian_pd_column_is_exact_and_the_rest_matches_central_differences():
+    # every signal model is proportional to PD: d log S / d log PD is 1 (0 below the floor);
+    # T1 and T2 by forward differences, checked against central differences
+    from qmriflow.model.calibration import pinning
+
+    rng = np.random.default_rng(5)
+    x = np.log(np.stack([rng.uniform(0.5, 1.0, 500), rng.uniform(0.6, 4.0, 500),
+                         rng.uniform(0.04, 2.0, 500)], axis=1))
+    protos = list(PROTOS.values())
+    _, jac = cal._log_jacobian(protos, x)
+    assert jac.shape == (500, 3, 3)
+    np.testing.assert_array_equal(jac[:, :, 0], 1.0)
+    for k in (1, 2):
+        up, down = x.copy(), x.copy()
+        up[:, k] += 1e-4
+        down[:, k] -= 1e-4
+        central = (pinning._log_signals(protos, up) - pinning._log_signals(protos, down)) / 2e-4
+        # the FLAIR's null makes a few voxels steep: compare where the curvature is mild
+        ok = np.abs(central) < 50
+        assert ok.mean() > 0.95
+        np.testing.assert_allclose(jac[:, :, k][ok], central[ok], atol=2e-3, rtol=1e-3)
+    # a signal below the floor has no PD derivative
+    tiny = np.array([[np.log(1e-12), 0.0, np.log(0.08)]])
+    _, jt = cal._log_jacobian(protos, tiny)
+    np.testing.assert_array_equal(jt[0, :, 0], 0.0)
+
+
+def test_solve_normal_matches_lapack_also_near_singular():
+    # the closed-form 3 x 3 solve of the per-voxel Gauss-Newton / LM steps against LAPACK,
+    # for well-conditioned systems and for rank-deficient ones (one or two contrasts, a
+    # tiny damping), which go to LAPACK
+    from qmriflow.model.calibration import pinning
+
+    rng = np.random.default_rng(7)
+    for c, diag in ((3, 1e-3), (2, 1e-6), (1, 1e-9), (3, 0.0)):
+        n = 4000
+        jac = rng.normal(size=(3, c, n))
+        res = rng.normal(size=(c, n))
+        extra = rng.normal(size=(3, n)) * 0.1
+        d = np.full(n, diag) if diag else 0.0
+        step = pinning._solve_normal(jac, res, d, extra)
+        j = np.transpose(jac, (2, 1, 0))  # (n, C, 3)
+        a = np.swapaxes(j, 1, 2) @ j + diag * np.eye(3)
+        g = (np.swapaxes(j, 1, 2) @ res.T[..., None])[..., 0] + extra.T
+        if c == 3:
+            ref = -np.linalg.solve(a, g[..., None])[..., 0]
+            np.testing.assert_allclose(step.T, ref, rtol=1e-6, atol=1e-8 * np.abs(ref).max())
+        else:
+            # rank deficient: the damped step's component in the row space of J is
+            # determined; it must solve the normal equations to working precision
+            assert np.all(np.isfinite(step))
+            resid = (a @ step.T[..., None])[..., 0] + g
+            rel = np.linalg.norm(resid, axis=1) / np.linalg.norm(g, axis=1)
+            assert np.median(rel) < 1e-6
+
+
+def test_pin_maps_retires_voxels_held_at_the_limits_with_the_same_result():
+    # voxels pushed against the bounds stop being iterated once their step no longer moves
+    # them; the result equals a plain iteration of every voxel to the end
+    rng = np.random.default_rng(11)
+    n = 1500
+    maps = np.stack([rng.uniform(0.5, 0.9, n), rng.uniform(0.7, 1.8, n),
+                     rng.uniform(0.05, 0.12, n)], axis=1)
+    maps[:300, 0] = 1.0  # PD at its upper limit, asked to grow: cannot reach the target
+    protos = list(PROTOS.values())
+    moved, info = cal.pin_maps(maps, np.ones(n, bool), protos, [0.4, 0.4, 0.4])
+    assert info["max_residual"] > 0.1  # some voxels cannot reach their targets
+    # reference: the same Levenberg-Marquardt iteration on every voxel, written out plainly
+    x = np.log(maps)
+    target = cal._log_jacobian(protos, x)[0] + 0.4
+    lo = np.log([cal.LIMITS[p][0] for p in cal.PARAMS])
+    hi = np.log([cal.LIMITS[p][1] for p in cal.PARAMS])
+    for _ in range(30):
+        f, jac = cal._log_jacobian(protos, x)
+        r = f - target
+        live = np.abs(r).max(axis=1) > 1e-7
+        jt = np.swapaxes(jac, 1, 2)
+        step = -np.linalg.solve(jt @ jac + 1e-6 * np.eye(3), (jt @ r[..., None]))[..., 0]
+        x = np.where(live[:, None], np.clip(x + np.clip(step, -0.5, 0.5), lo, hi), x)
+    np.testing.assert_allclose(moved, np.exp(x), rtol=1e-6)
+
+
 def test_scale_sensitivity_is_the_linearised_move():
     maps = np.array([[0.7, 0.85, 0.07], [0.8, 1.35, 0.09], [0.75, 1.1, 0.08]])
     protos = list(PROTOS.values())

@@ -29,23 +29,98 @@ RCOND_ANCHOR = 0.01
 """Relative cut-off of the singular values in :func:`anchor_free_directions`' least squares."""
 
 
+_LOG_FLOOR = float(np.log(_FLOOR))
+_LO_T, _HI_T = np.asarray(_LOG_LO)[:, None], np.asarray(_LOG_HI)[:, None]
+"""The bounds of the log-parameters as columns, for (3, N) arrays."""
+
+# The per-voxel solvers below keep their voxels in the last axis ("structure of arrays":
+# parameters (3, N), log-signals (C, N), Jacobians (3, C, N)), so that every operation runs
+# over a contiguous row of N voxels and the 3 × 3 systems are solved in closed form; the
+# (N, C) / (N, C, 3) forms are for callers outside the inner loops.
+
+
+def _log_signals_t(protocols: Sequence[physics.Protocol], xt: np.ndarray) -> np.ndarray:
+    """(C, N) log-signals of voxels with log-parameters ``xt`` (3, N), floored at
+    :data:`_FLOOR`."""
+    pd, t1, t2 = np.exp(xt)
+    out = np.empty((len(protocols), xt.shape[1]))
+    for c, p in enumerate(protocols):
+        np.log(np.maximum(np.asarray(physics.signal(p, pd, t1, t2), dtype=np.float64), _FLOOR),
+               out=out[c])
+    return out
+
+
+def _log_jacobian_t(protocols: Sequence[physics.Protocol], xt: np.ndarray,
+                    f0: np.ndarray | None = None, h: float = 1e-5
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(log-signals (C, N), Jacobian d log S_c / d log θ_k (3, C, N)) at ``xt`` (3, N).
+
+    Every signal model of :func:`qmriflow.physics.signal` is proportional to PD
+    (S = |PD · g(T1, T2)|), so d log S / d log PD is exactly 1 where the signal is above the
+    floor (0 below it); T1 and T2 by forward differences of step ``h``."""
+    f0 = _log_signals_t(protocols, xt) if f0 is None else f0
+    jac = np.empty((3, *f0.shape))
+    jac[0] = f0 > _LOG_FLOOR
+    for k in (1, 2):
+        xk = xt.copy()
+        xk[k] += h
+        np.subtract(_log_signals_t(protocols, xk), f0, out=jac[k])
+        jac[k] /= h
+    return f0, jac
+
+
 def _log_signals(protocols: Sequence[physics.Protocol], x: np.ndarray) -> np.ndarray:
     """(N, C) log-signals of voxels with log-parameters ``x`` (N, 3)."""
-    pd, t1, t2 = np.exp(x[:, 0]), np.exp(x[:, 1]), np.exp(x[:, 2])
-    return np.stack([np.log(np.maximum(np.asarray(physics.signal(p, pd, t1, t2)), _FLOOR))
-                     for p in protocols], axis=1)
+    return _log_signals_t(protocols, np.ascontiguousarray(x.T)).T
 
 
 def _log_jacobian(protocols: Sequence[physics.Protocol], x: np.ndarray,
                   f0: np.ndarray | None = None, h: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
-    """(log-signals (N, C), Jacobian d log S / d log θ (N, C, 3)) by forward differences."""
-    f0 = _log_signals(protocols, x) if f0 is None else f0
-    jac = np.empty((x.shape[0], f0.shape[1], 3))
-    for k in range(3):
-        xk = x.copy()
-        xk[:, k] += h
-        jac[:, :, k] = (_log_signals(protocols, xk) - f0) / h
-    return f0, jac
+    """(log-signals (N, C), Jacobian d log S / d log θ (N, C, 3)): :func:`_log_jacobian_t` for
+    voxels in the first axis."""
+    f0t, jac = _log_jacobian_t(protocols, np.ascontiguousarray(x.T),
+                               None if f0 is None else np.ascontiguousarray(f0.T), h)
+    return f0t.T, np.transpose(jac, (2, 1, 0))
+
+
+def _solve_normal(jac: np.ndarray, res: np.ndarray, diag: np.ndarray | float,
+                  extra: np.ndarray | None = None) -> np.ndarray:
+    """The Gauss–Newton / Levenberg–Marquardt step −(JᵀJ + diag·I)⁻¹ (Jᵀres + extra) (3, N)
+    of N voxels at once: ``jac`` (3, C, N), ``res`` (C, N), ``diag`` a scalar or (N,),
+    ``extra`` (3, N) or None. The symmetric 3 × 3 systems are solved in closed form (the
+    adjugate); a system too close to singular for that (|det| below 1e-12 of its scale) goes
+    to LAPACK."""
+    a = {(i, j): np.einsum("cn,cn->n", jac[i], jac[j]) for i in range(3) for j in range(i, 3)}
+    for i in range(3):
+        a[i, i] += diag
+    g = np.einsum("kcn,cn->kn", jac, res)
+    if extra is not None:
+        g += extra
+    a00, a01, a02, a11, a12, a22 = a[0, 0], a[0, 1], a[0, 2], a[1, 1], a[1, 2], a[2, 2]
+    c00 = a11 * a22 - a12 * a12
+    c01 = a02 * a12 - a01 * a22
+    c02 = a01 * a12 - a02 * a11
+    c11 = a00 * a22 - a02 * a02
+    c12 = a02 * a01 - a00 * a12
+    c22 = a00 * a11 - a01 * a01
+    det = a00 * c00 + a01 * c01 + a02 * c02
+    b0, b1, b2 = g
+    step = np.empty_like(g)
+    np.negative(c00 * b0 + c01 * b1 + c02 * b2, out=step[0])
+    np.negative(c01 * b0 + c11 * b1 + c12 * b2, out=step[1])
+    np.negative(c02 * b0 + c12 * b1 + c22 * b2, out=step[2])
+    scale = (np.abs(a00) + np.abs(a11) + np.abs(a22)) ** 3
+    bad = ~(np.abs(det) > 1e-12 * scale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        step /= det
+    if bad.any():
+        m = np.stack([np.stack([a[min(i, j), max(i, j)][bad] for j in range(3)], -1)
+                      for i in range(3)], -2)
+        try:
+            step[:, bad] = -np.linalg.solve(m, g[:, bad].T[..., None])[..., 0].T
+        except np.linalg.LinAlgError:
+            step[:, bad] = -(np.linalg.pinv(m) @ g[:, bad].T[..., None])[..., 0].T
+    return step
 
 
 def _to_log(maps: np.ndarray) -> np.ndarray:
@@ -67,32 +142,32 @@ def pin_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Pro
     sel = mask.astype(bool) & np.all(out > 0, axis=-1)
     if not sel.any():
         return out.astype(maps.dtype), {"voxels": 0, "max_residual": 0.0}
-    x = _to_log(out[sel])
-    target = _log_signals(protocols, x) + np.asarray(log_shift, dtype=np.float64)[None, :]
-    eye = np.eye(3)
-    resid = np.full(x.shape[0], np.inf)
+    x = np.ascontiguousarray(_to_log(out[sel]).T)  # (3, N)
+    target = _log_signals_t(protocols, x) + np.asarray(log_shift, np.float64)[:, None]
+    resid = np.full(x.shape[1], np.inf)
     # only voxels still off their target are evaluated again: a voxel within `tol` is not
-    # moved any more, so its residual stays what it was (same result, far fewer signals)
-    todo = np.arange(x.shape[0])
+    # moved any more, so its residual stays what it was (same result, far fewer signals);
+    # nor is a voxel whose step no longer changes it (held at the limits): the same position
+    # would give the same step again
+    todo = np.arange(x.shape[1])
     for _ in range(iterations):
-        xt = x[todo]
-        f = _log_signals(protocols, xt)
-        r = f - target[todo]
-        resid[todo] = np.abs(r).max(axis=1)
+        xt = x[:, todo]
+        f = _log_signals_t(protocols, xt)
+        r = f - target[:, todo]
+        resid[todo] = np.abs(r).max(axis=0)
         move = resid[todo] > tol
-        todo, xt, f, r = todo[move], xt[move], f[move], r[move]
+        todo, xt, f, r = todo[move], xt[:, move], f[:, move], r[:, move]
         if todo.size == 0:
             break
-        _, jac = _log_jacobian(protocols, xt, f0=f)
-        jt = np.swapaxes(jac, 1, 2)
-        a = jt @ jac + damping * eye
-        g = (jt @ r[..., None])[..., 0]
-        step = -np.linalg.solve(a, g[..., None])[..., 0]
-        step = np.clip(step, -0.5, 0.5)
-        x[todo] = np.clip(xt + step, _LOG_LO, _LOG_HI)
+        _, jac = _log_jacobian_t(protocols, xt, f0=f)
+        step = np.clip(_solve_normal(jac, r, damping), -0.5, 0.5)
+        xn = np.clip(xt + step, _LO_T, _HI_T)
+        x[:, todo] = xn
+        todo = todo[np.any(xn != xt, axis=0)]
     else:
-        resid[todo] = np.abs(_log_signals(protocols, x[todo]) - target[todo]).max(axis=1)
-    out[sel] = np.exp(x)
+        resid[todo] = np.abs(_log_signals_t(protocols, x[:, todo])
+                             - target[:, todo]).max(axis=0)
+    out[sel] = np.exp(x.T)
     return out.astype(maps.dtype), {"voxels": int(sel.sum()),
                                     "max_residual": float(resid.max(initial=0.0))}
 

@@ -10,8 +10,11 @@ import numpy as np
 
 from ... import physics
 from .pinning import (
-    _log_jacobian,
-    _log_signals,
+    _HI_T,
+    _LO_T,
+    _log_jacobian_t,
+    _log_signals_t,
+    _solve_normal,
     _to_log,
     csf_branch_t2,
     tissue_start_table,
@@ -80,32 +83,33 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
     if not sel.any():
         return out.astype(maps.dtype), {"voxels": 0, "status_counts": {},
                                         "status_map": np.zeros(sel.shape, dtype=np.uint8)}
-    x0 = _to_log(out[sel])
-    r = np.asarray(images, dtype=np.float64)[sel]
-    sc = np.asarray(scales, dtype=np.float64)[None, :]
+    # voxels in the last axis (pinning module: "structure of arrays")
+    x0 = np.ascontiguousarray(_to_log(out[sel]).T)  # (3, N)
+    r = np.ascontiguousarray(np.asarray(images, dtype=np.float64)[sel].T)  # (C, N)
+    sc = np.asarray(scales, dtype=np.float64)[:, None]
     w = 1.0 / prior_log_sd
-    eye = np.eye(3)
+    n_vox = x0.shape[1]
 
     def misfit(logs: np.ndarray, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
         """Data χ² Σ_c ((r_c − s_c·S_c) / noise)² of the voxels ``idx`` from their
-        log-signals."""
-        return (((r[idx] - sc * np.exp(logs)) / noise) ** 2).sum(1)
+        log-signals (C, n)."""
+        return (((r[:, idx] - sc * np.exp(logs)) / noise) ** 2).sum(0)
 
     def cost(xv: np.ndarray, idx: np.ndarray | slice, prior: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray]:
-        """(cost, log-signals) at log-parameters ``xv`` of the voxels ``idx``, whose
+        """(cost, log-signals) at log-parameters ``xv`` (3, n) of the voxels ``idx``, whose
         log-priors are ``prior`` (aligned with ``xv``)."""
-        logs = _log_signals(protocols, xv)
-        return misfit(logs, idx) + ((w * (xv - prior)) ** 2).sum(1), logs
+        logs = _log_signals_t(protocols, xv)
+        return misfit(logs, idx) + ((w * (xv - prior)) ** 2).sum(0), logs
 
     def descend(x: np.ndarray, rows: np.ndarray, prior: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
-        """LM from ``x`` (len(rows), 3) for the voxels ``rows``, whose log-priors are
-        ``prior`` (len(rows), 3): (x, cost, log-signals at x, steps, per-voxel status
+        """LM from ``x`` (3, len(rows)) for the voxels ``rows``, whose log-priors are
+        ``prior`` (3, len(rows)): (x, cost, log-signals at x, steps, per-voxel status
         (:data:`REFINE_STATUS`: 1 converged, 2 still moving, 3 stalled))."""
-        lam = np.full(x.shape[0], 1e-3)
+        lam = np.full(x.shape[1], 1e-3)
         c_now, logf_now = cost(x, rows, prior)
-        state = np.full(x.shape[0], 2, dtype=np.uint8)
+        state = np.full(x.shape[1], 2, dtype=np.uint8)
         steps = 0
         for _ in range(iterations):
             # only voxels still moving: an accepted step below `tol` (or a hopeless damping)
@@ -114,54 +118,51 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
             if idx.size == 0:
                 break
             steps += 1
-            xa = x[idx]
+            xa = x[:, idx]
             # the signals at x are known from the last cost evaluation
-            logf, jac = _log_jacobian(protocols, xa, f0=logf_now[idx])
+            logf, jac = _log_jacobian_t(protocols, xa, f0=logf_now[:, idx])
             f = sc * np.exp(logf)
-            jl = (f[..., None] * jac) / noise  # d residual / d log θ (sign folded below)
-            res = (f - r[rows[idx]]) / noise
-            jt = np.swapaxes(jl, 1, 2)
-            a = jt @ jl + (w * w) * eye
-            g = (jt @ res[..., None])[..., 0] + (w * w) * (xa - prior[idx])
+            jac *= f[None] / noise  # d residual / d log θ
+            res = (f - r[:, rows[idx]]) / noise
             la = lam[idx]
-            step = -np.linalg.solve(a + la[:, None, None] * eye, g[..., None])[..., 0]
-            cand = np.clip(xa + np.clip(step, -0.5, 0.5), _LOG_LO, _LOG_HI)
-            c_new, logf_new = cost(cand, rows[idx], prior[idx])
+            step = _solve_normal(jac, res, w * w + la, (w * w) * (xa - prior[:, idx]))
+            cand = np.clip(xa + np.clip(step, -0.5, 0.5), _LO_T, _HI_T)
+            c_new, logf_new = cost(cand, rows[idx], prior[:, idx])
             ok = c_new <= c_now[idx]
             acc = idx[ok]
-            x[acc] = cand[ok]
-            logf_now[acc] = logf_new[ok]
+            x[:, acc] = cand[:, ok]
+            logf_now[:, acc] = logf_new[:, ok]
             c_now[acc] = c_new[ok]
             la = np.where(ok, la * 0.3, la * 10.0)
             lam[idx] = la
-            state[idx[ok & (np.abs(cand - xa).max(axis=1) < tol)]] = 1
+            state[idx[ok & (np.abs(cand - xa).max(axis=0) < tol)]] = 1
             state[idx[(la > 1e10) & (state[idx] == 2)]] = 3
         return x, c_now, logf_now, steps, state
 
-    everyone = np.arange(x0.shape[0])
+    everyone = np.arange(n_vox)
     x, c_best, logf, steps, state = descend(x0.copy(), everyone, x0)
     moving = int((state == 2).sum())
     restarted = 0
-    won = np.zeros(x0.shape[0], dtype=bool)
+    won = np.zeros(n_vox, dtype=bool)
     if len(starts):
-        rows = np.flatnonzero(misfit(logf) / r.shape[1] > RESTART_CHI ** 2)
+        rows = np.flatnonzero(misfit(logf) / r.shape[0] > RESTART_CHI ** 2)
         restarted = int(rows.size)
         for st in starts:
             if rows.size == 0:
                 break
             start = np.clip(np.log(np.asarray(st, np.float64)), _LOG_LO, _LOG_HI)
-            xs = np.broadcast_to(start, (rows.size, 3)).copy()
-            xs, cs, _, _, st_s = descend(xs, rows, x0[rows])
+            xs = np.repeat(start[:, None], rows.size, axis=1)
+            xs, cs, _, _, st_s = descend(xs, rows, x0[:, rows])
             better = cs < c_best[rows]
             won[rows[better]] = True
-            x[rows[better]] = xs[better]
+            x[:, rows[better]] = xs[:, better]
             state[rows[better]] = st_s[better]
             c_best[rows[better]] = cs[better]
     branch = {"checked": 0, "switched": 0}
     branch_t2 = csf_branch_t2(tissues) if dseg is not None and tissues is not None else None
     if branch_t2 is not None:
         table = tissue_start_table(tissues)
-        rows = np.flatnonzero(x[:, 2] > np.log(branch_t2))
+        rows = np.flatnonzero(x[2] > np.log(branch_t2))
         lab = np.asarray(dseg)[sel][rows]
         known = (lab >= 0) & (lab < table.shape[0]) & (lab == np.floor(lab))
         rows, lab = rows[known], lab[known].astype(np.intp)
@@ -170,14 +171,15 @@ def refine_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.
         rows, ts = rows[good], ts[good]
         branch["checked"] = int(rows.size)
         if rows.size:
-            xt = np.clip(np.log(ts), _LOG_LO, _LOG_HI)
+            xt = np.clip(np.ascontiguousarray(np.log(ts).T), _LO_T, _HI_T)
             xs, _, logs, _, st_b = descend(xt.copy(), rows, xt)
-            chi_csf = misfit(_log_signals(protocols, x[rows]), rows)
+            chi_csf = misfit(_log_signals_t(protocols, x[:, rows]), rows)
             take = ((misfit(logs, rows) <= chi_csf + BRANCH_CHI2)
-                    & (xs[:, 2] < np.log(branch_t2)))
-            x[rows[take]] = xs[take]
+                    & (xs[2] < np.log(branch_t2)))
+            x[:, rows[take]] = xs[:, take]
             state[rows[take]] = st_b[take]
             branch["switched"] = int(take.sum())
+    x, x0 = x.T, x0.T
     out[sel] = np.exp(x)
     moved = np.abs(x - x0).max(axis=1)
     status = np.zeros(sel.shape, dtype=np.uint8)

@@ -82,43 +82,61 @@ def smooth_maps(maps: np.ndarray, mask: np.ndarray, guide: np.ndarray | None = N
     box = (slice(zs[0], zs[-1] + 1), slice(ys_[0], ys_[-1] + 1), slice(xs_[0], xs_[-1] + 1))
     full, sel = out, sel[box]
     out = full[box]
-    # in-place arithmetic in the (2r+1)^2 shifted passes (no temporaries per pass)
-    logm = np.zeros(out.shape, dtype=np.float64)
-    logm[sel] = _to_log(out[sel])
-    g = logm if guide is None else np.where(sel[..., None],
-                                            np.asarray(guide, np.float64)[box],
-                                            np.float64(0.0)).astype(np.float64)
+    # channels first (each channel a contiguous volume) and in-place arithmetic in the
+    # (2r+1)^2 shifted passes: no reductions over a short last axis, no temporaries per pass
+    logm = np.zeros((3, *sel.shape), dtype=np.float64)
+    logs_sel = _to_log(out[sel])
+    for k in range(3):
+        logm[k][sel] = logs_sel[:, k]
+    if guide is None:
+        g = logm
+    else:
+        gb = np.asarray(guide, np.float64)[box]
+        g = np.zeros((gb.shape[-1], *sel.shape), dtype=np.float64)
+        for k in range(gb.shape[-1]):
+            g[k][sel] = gb[..., k][sel]
     r = int(radius)
-    pad = ((0, 0), (r, r), (r, r))
-    g_p = np.pad(g, (*pad, (0, 0)))
-    v_p = np.pad(logm, (*pad, (0, 0)))
-    m_p = np.pad(sel.astype(np.float64), pad)
+    pad = ((0, 0), (0, 0), (r, r), (r, r))
+    g_p = np.pad(g, pad)
+    v_p = np.pad(logm, pad)
+    m_p = np.pad(sel.astype(np.float64), pad[1:])
     h, w = sel.shape[1:]
     num = np.zeros_like(logm)
     den = np.zeros(sel.shape, dtype=np.float64)
     inv_r = np.float64(1.0 / (2 * sigma_range ** 2))
     inv_v = None if sigma_value is None else np.float64(1.0 / (2 * sigma_value ** 2))
     expo = np.empty(sel.shape, dtype=np.float64)
-    tmp = np.empty(g.shape, dtype=np.float64)
-    tmp_v = np.empty(logm.shape, dtype=np.float64)
+    tmp = np.empty(sel.shape, dtype=np.float64)
+    acc_v = np.empty(sel.shape, dtype=np.float64)
+
+    def sq_dist(padded: np.ndarray, centre: np.ndarray, ys: slice, xs: slice,
+                out_: np.ndarray) -> np.ndarray:
+        """Σ_k (padded[k] shifted − centre[k])² into ``out_``."""
+        out_[...] = 0.0
+        for k in range(centre.shape[0]):
+            np.subtract(padded[k, :, ys, xs], centre[k], out=tmp)
+            np.square(tmp, out=tmp)
+            out_ += tmp
+        return out_
+
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
             ys, xs = slice(r + dy, r + dy + h), slice(r + dx, r + dx + w)
-            np.subtract(g_p[:, ys, xs], g, out=tmp)
-            np.square(tmp, out=tmp)
-            np.sum(tmp, axis=-1, out=expo)
+            sq_dist(g_p, g, ys, xs, expo)
             expo *= inv_r
-            vq = v_p[:, ys, xs]
             if inv_v is not None:
-                np.subtract(vq, logm, out=tmp_v)
-                np.square(tmp_v, out=tmp_v)
-                expo += tmp_v.sum(-1) * inv_v
+                sq_dist(v_p, logm, ys, xs, acc_v)
+                acc_v *= inv_v
+                expo += acc_v
             np.negative(expo, out=expo)
             np.exp(expo, out=expo)
-            expo *= m_p[:, ys, xs] * np.float64(
-                math.exp(-(dy * dy + dx * dx) / (2 * sigma_space ** 2)))
-            num += expo[..., None] * vq
+            expo *= m_p[:, ys, xs]
+            expo *= np.float64(math.exp(-(dy * dy + dx * dx) / (2 * sigma_space ** 2)))
+            for k in range(3):
+                np.multiply(expo, v_p[k, :, ys, xs], out=tmp)
+                num[k] += tmp
             den += expo
+    num = np.moveaxis(num, 0, -1)
     # den ≥ the voxel's own weight (1) inside the mask
     out[sel] = np.exp(np.clip(num[sel] / den[sel][:, None], _LOG_LO, _LOG_HI))  # a view into full
     return full.astype(maps.dtype)
