@@ -147,6 +147,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="on: the first session of each cluster is a calibration session whose "
                          "reference maps are its TRUE maps (titles say so)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="weight of the calibrated network's distillation term towards the "
+                         "packed network-free maps (0 = off; > 0: pack, models and maps in "
+                         "*_distill<W> folders)")
     ap.add_argument("--quick", action="store_true",
                     help=f"{EPOCHS['quick']} training epochs instead of {EPOCHS['full']}")
     a = ap.parse_args(argv)
@@ -162,6 +166,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         (math.isfinite(a.gain_jitter) and a.gain_jitter >= 0,
          f"argument --gain-jitter: must be >= 0, got {a.gain_jitter}"),
         (all(s >= 0 for s in a.seeds), f"argument --seeds: must be >= 0, got {a.seeds}"),
+        (math.isfinite(a.distill) and a.distill >= 0,
+         f"argument --distill: must be >= 0, got {a.distill}"),
         (len(set(a.seeds)) == len(a.seeds), f"argument --seeds: repeated seed in {a.seeds}"),
     ]
     for ok, message in checks:
@@ -447,7 +453,7 @@ def truth_segmentation_copy(work: Path, s: Session) -> Path:
 
 
 def ensure_pack(pack_dir: Path, dirs: Sequence[Path], stale: Sequence[Path],
-                clusters: Path | None = None) -> bool:
+                clusters: Path | None = None, targets: bool = False) -> bool:
     """Pack the sessions unless ``pack_dir`` already holds exactly them (with the same
     clusters file); a new pack removes the ``stale`` folders (models and maps of the old one).
     Returns True if it packed."""
@@ -467,7 +473,8 @@ def ensure_pack(pack_dir: Path, dirs: Sequence[Path], stale: Sequence[Path],
         if d.exists():
             shutil.rmtree(d)
     index = pack_sessions(list(dirs), pack_dir, skip_incomplete=True,
-                          clusters=None if clusters is None else load_clusters(clusters))
+                          clusters=None if clusters is None else load_clusters(clusters),
+                          targets=targets)
     stamp.write_text(used)
     for sk in index["skipped"]:
         print(f"{PROG}: not packed: {sk['session_dir']}: {sk['reason']}", flush=True)
@@ -934,7 +941,8 @@ def run(a: argparse.Namespace) -> int:
     tag = (("_truthseg" if truthseg else "")
            + ("_calsession" if a.cluster_scales == "on" and a.calibration_session == "on"
               else "")
-           + ("_nocluster" if a.cluster_scales == "off" else ""))
+           + ("_nocluster" if a.cluster_scales == "off" else "")
+           + (f"_distill{a.distill:g}" if a.distill > 0 else ""))
     epochs = EPOCHS["quick" if a.quick else "full"]
 
     t = time.perf_counter()
@@ -965,7 +973,7 @@ def run(a: argparse.Namespace) -> int:
     t = time.perf_counter()
     pack = work / f"pack{tag}"
     ensure_pack(pack, list(dirs.values()), [work / f"models{tag}", work / f"maps{tag}"],
-                clusters_json)
+                clusters_json, targets=a.distill > 0)
     packed = {x["label"] for x in json.loads((pack / "index.json").read_text())["sessions"]}
     for s in [s for s in sessions if s.label not in packed]:
         print(f"{PROG}: session {s.name} ({s.label}): left out (not packed)", flush=True)
@@ -980,9 +988,10 @@ def run(a: argparse.Namespace) -> int:
         for seed in a.seeds:
             t = time.perf_counter()
             mdir = work / f"models{tag}" / scaling / f"seed{seed}"
-            summary = train(pack, mdir, TrainConfig(width=WIDTH, epochs=epochs, seed=seed,
-                                                    device="cpu", threads=THREADS,
-                                                    scaling=scaling), progress=False)
+            summary = train(pack, mdir, TrainConfig(
+                width=WIDTH, epochs=epochs, seed=seed, device="cpu", threads=THREADS,
+                scaling=scaling, distill=a.distill if scaling == "calibrated" else 0.0),
+                progress=False)
             trained[f"{scaling}/seed{seed}"] = {
                 "epochs": len(summary["history"]), "best_epoch": summary["best_epoch"],
                 "best_val_loss": summary["best_val_loss"]}
@@ -1074,6 +1083,7 @@ def run(a: argparse.Namespace) -> int:
         "global_shift": a.global_shift, "gain_model": a.gain_model,
         "gain_jitter": a.gain_jitter, "mismatch": a.mismatch, "segmentation": a.segmentation,
         "cluster_scales": a.cluster_scales, "calibration_session": a.calibration_session,
+        "distill": a.distill,
         "methods": list(a.methods), "seeds": list(a.seeds), "quick": a.quick, "epochs": epochs,
         "trained": trained, "width": WIDTH, "threads": THREADS, "default_method": default,
         "tissue_table": "independent", "pseudonym_salt": SALT,

@@ -6,7 +6,7 @@ import shlex
 # T1/T2/PD maps for every session. Thin rules: each calls one `qmriflow <step>`.
 #
 # Config (section `model:`): checkpoint, width, epochs, batch_size, lr, lambda_tv, lambda_pd,
-# dropout, init, seed, scaling, map_smoothing, split, steps_per_epoch, device, precision,
+# distill, dropout, init, seed, scaling, map_smoothing, split, steps_per_epoch, device, precision,
 # threads, train_gpu, train_mem_mb, train_runtime_min, infer_gpu, infer_batch_size, infer_mem_mb,
 # min_head_fraction, search_trials, search_epochs.
 MODEL = config["model"]
@@ -19,6 +19,7 @@ PRE = ANAT / f"{SES}_space-T2w"
 CLUSTERS = MODEL["clusters"]
 CLUSTER_JSON = WORK / "model" / "clusters.json"
 USE_CLUSTERS = CLUSTERS["enabled"] and MODEL["scaling"] == "calibrated"
+DISTILL = MODEL["distill"] if MODEL["scaling"] == "calibrated" else 0.0
 
 
 PACK_PATTERNS = [f"{PRE}_desc-preproc_{c}.nii.gz" for c in ("T1w", "T2w", "FLAIR")] + [
@@ -30,7 +31,7 @@ TRAIN_FLAGS = (
     f"--width {MODEL['width']} --epochs {MODEL['epochs']} --batch-size {MODEL['batch_size']} "
     f"--lr {MODEL['lr']} --lambda-tv {MODEL['lambda_tv']} --lambda-pd {MODEL['lambda_pd']} "
     f"--dropout {MODEL['dropout']} --init {MODEL['init']} --seed {MODEL['seed']} "
-    f"--scaling {MODEL['scaling']} "
+    f"--scaling {MODEL['scaling']} --distill {DISTILL} "
     f"--split {','.join(str(x) for x in MODEL['split'])} --device {MODEL['device']} "
     f"--precision {MODEL['precision']}"
     + (f" --steps-per-epoch {MODEL['steps_per_epoch']}" if MODEL.get("steps_per_epoch") else "")
@@ -87,6 +88,7 @@ rule pack:
         dirs=lambda w: session_targets(OUT / "sub-{subject}" / "ses-{session}", usable=True),
         frac=MODEL["min_head_fraction"],
         clusters=f"--clusters {shlex.quote(str(CLUSTER_JSON))}" if USE_CLUSTERS else "",
+        targets="--targets" if DISTILL > 0 else "",
         prov=PROV / "pack.json",
     benchmark:
         WORK / "benchmarks" / "pack.tsv"
@@ -99,7 +101,8 @@ rule pack:
         CPU_IMAGE
     shell:
         "qmriflow pack {params.outdir:q} {params.dirs:q} --min-head-fraction {params.frac} "
-        "--skip-incomplete {params.clusters} --provenance {params.prov:q} &> {log:q}"
+        "--skip-incomplete {params.clusters} {params.targets} --provenance {params.prov:q} "
+        "&> {log:q}"
 
 
 # last.pt (the resumable state) is deliberately not an output: Snakemake must not delete it

@@ -510,3 +510,91 @@ def test_training_writes_epoch_lines_to_a_log_and_no_bar(packed, tmp_path, capsy
     assert [ln.split(":")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
     assert "batch/s" not in err and "it/s" not in err and "%|" not in err
     assert "--no-progress" not in (Path(__file__).parents[1] / "rules" / "model.smk").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# distillation towards the network-free maps (issue 22: the fast path is calibrated)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def packed_targets(tiny_sessions, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pack_targets")
+    pack_sessions(tiny_sessions, out, targets=True)
+    return out
+
+
+def test_pack_targets_are_the_network_free_maps(packed_targets, tiny_sessions):
+    from qmriflow.model.data import session_calibration, session_seg
+    from qmriflow.model.infer import network_free_maps
+
+    p = PackedSlices(packed_targets, "calibrated")
+    assert p.targets is not None and p.targets.shape == (len(p), 3, SIZE, SIZE)
+    assert all(s["targets"] for s in p.index["sessions"])
+    # the first session's slices, against the estimator run here on the loaded session
+    sd = load_session(tiny_sessions[0])
+    want = network_free_maps(sd, session_calibration(sd), session_seg(sd))
+    z = np.asarray(p.index["slice_z"])[p.slice_session == 0]
+    got = np.asarray(p.targets[np.flatnonzero(p.slice_session == 0)])
+    np.testing.assert_allclose(got, want[z], rtol=1e-6)
+    brain = (np.asarray(p.masks) & 2).astype(bool)
+    t = np.asarray(p.targets)
+    assert np.all(t[:, :, ~brain.any(0)] == 0)  # nothing outside every brain
+    # inside the brain: plausible, calibrated values (WM T1 of the tiny phantom ~0.6-1.3 s)
+    inside = np.moveaxis(t, 1, -1)[brain]
+    assert np.all(inside > 0)
+    assert 0.4 < np.median(inside[:, 1]) < 2.0
+    # a pack without --targets has none (and a repack removes them)
+    assert PackedSlices(packed_targets).batch(np.arange(2))["targets"].shape == (2, 3, SIZE, SIZE)
+
+
+def test_distill_l1_by_hand():
+    from qmriflow.model.losses import distill_l1
+
+    maps = torch.full((1, 3, 2, 2), 1.0)
+    targets = torch.full((1, 3, 2, 2), float(np.e))
+    targets[0, :, 1, 1] = 0.0  # no target there
+    brain = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    brain[0, 0, 0, 0] = False
+    # two voxels count (|log 1 - log e| = 1 in each of the three maps)
+    assert float(distill_l1(maps, targets, brain)) == pytest.approx(1.0)
+    maps[0, 1, 0, 1] = float(np.e) ** 2  # T1 off by one more log-unit in one voxel
+    assert float(distill_l1(maps, targets, brain)) == pytest.approx((6 + 0) / 6.0)
+    assert float(distill_l1(maps, targets, torch.zeros_like(brain))) == 0.0
+
+
+def test_distillation_needs_targets_and_calibrated_scaling(packed, tmp_path):
+    with pytest.raises(ConfigError, match="pack with `qmriflow pack --targets`"):
+        train(packed, tmp_path / "m", TrainConfig(**{**CFG, "epochs": 1}, scaling="calibrated",
+                                                 distill=1.0), progress=False)
+    with pytest.raises(ConfigError, match="distill needs scaling: calibrated"):
+        TrainConfig(**CFG, scaling="seed", distill=1.0)
+    with pytest.raises(ConfigError, match="distill must be >= 0"):
+        TrainConfig(**CFG, scaling="calibrated", distill=-1.0)
+    # off: the recorded hyper-parameters are the published loss's, as before
+    assert "distill" not in TrainConfig(**CFG).hyperparameters()
+    assert TrainConfig(**CFG, scaling="calibrated", distill=0.5).hyperparameters()["distill"] == 0.5
+
+
+def test_distillation_brings_the_networks_maps_to_the_network_free_ones(packed_targets,
+                                                                       tmp_path):
+    # same seed, same steps: with the distillation term the network's own maps (the fast
+    # path) come much closer to the network-free estimate than with the physics loss alone
+    from qmriflow.model.checkpoint import load_model
+    from qmriflow.model.infer import predict_maps
+
+    p = PackedSlices(packed_targets, "calibrated")
+    idx = np.arange(len(p))
+    b = p.batch(idx)
+    brain = b["brain"][:, 0] & (b["targets"] > 0).all(1)
+    gaps = {}
+    for w in (0.0, 2.0):
+        out = tmp_path / f"d{w:g}"
+        cfg = TrainConfig(**{**CFG, "epochs": 4}, steps_per_epoch=25, scaling="calibrated",
+                          distill=w, warmup_min_steps=0)
+        train(packed_targets, out, cfg, progress=False)
+        model, _ = load_model(out / "model.pt", torch.device("cpu"))
+        maps = predict_maps(model, b["images"], device=torch.device("cpu"), precision="fp32")
+        err = np.abs(np.log(np.maximum(maps, 1e-3)) - np.log(np.maximum(b["targets"], 1e-3)))
+        gaps[w] = float(np.median(np.moveaxis(err, 1, -1)[brain]))
+    assert gaps[2.0] < 0.6 * gaps[0.0], gaps

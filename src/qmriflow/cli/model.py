@@ -80,6 +80,9 @@ def _pack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clusters", type=Path, default=None,
                    help="clusters.json of `qmriflow cluster-fit`: train against each session's "
                         "protocol-cluster scales")
+    p.add_argument("--targets", action="store_true",
+                   help="also pack every calibrated session's network-free maps (targets of "
+                        "`qmriflow train --distill`)")
     p.add_argument("--provenance", type=Path, help="write this step's provenance JSON here")
 
 
@@ -105,7 +108,8 @@ def _pack(a: argparse.Namespace) -> int:
 
     index = pack_sessions(_results_sessions(a), a.out_dir,
                           min_head_fraction=a.min_head_fraction,
-                          skip_incomplete=a.skip_incomplete, clusters=_cluster_doc(a.clusters))
+                          skip_incomplete=a.skip_incomplete, clusters=_cluster_doc(a.clusters),
+                          targets=a.targets)
     _provenance(a, "pack", {"n_sessions": len(index["sessions"]), "n_slices": index["n_slices"],
                             "skipped": index["skipped"]})
     print(f"packed {index['n_slices']} slices of {len(index['sessions'])} session(s) into "
@@ -208,6 +212,9 @@ def _hyper_args(p: argparse.ArgumentParser) -> None:
                    help="epochs that also pull the maps towards WM values (published: 1)")
     p.add_argument("--warmup-min-steps", type=int, default=300,
                    help="the warm-up lasts at least this many optimiser steps")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight of the distillation term towards the packed network-free maps "
+                        "(calibrated scaling; pack with --targets; 0 = off, the published loss)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--threads", type=positive_int, default=None)
@@ -223,7 +230,8 @@ def _train_config(a: argparse.Namespace):
         split=_floats(a.split, 3, "--split"), scale_group=a.scale_group,  # type: ignore[arg-type]
         scaling=a.scaling,
         steps_per_epoch=a.steps_per_epoch, val_max_slices=a.val_max_slices,
-        warmup_epochs=a.warmup_epochs, warmup_min_steps=a.warmup_min_steps, device=a.device,
+        warmup_epochs=a.warmup_epochs, warmup_min_steps=a.warmup_min_steps, distill=a.distill,
+        device=a.device,
         precision=a.precision, threads=a.threads,
     )
 

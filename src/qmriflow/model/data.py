@@ -332,7 +332,8 @@ def session_calibration(sd: SessionData, contrasts: Sequence[str] | None = None,
 def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
                   min_head_fraction: float = 0.05, skip_incomplete: bool = False,
                   progress: bool = False,
-                  clusters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  clusters: Mapping[str, Any] | None = None,
+                  targets: bool = False) -> dict[str, Any]:
     """Normalise every session once and pack its slices into memory-mapped arrays.
 
     Slices whose head mask covers less than ``min_head_fraction`` of the slice are left out.
@@ -340,6 +341,10 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
     ``skipped`` (with the one-line reason) instead of failing the whole pack.
     ``clusters``: a clusters document; each session's calibrated scales (the ones the network
     is trained with) then come from its protocol cluster (:func:`session_calibration`).
+    ``targets``: also pack each calibrated session's ``network-free`` maps
+    (:func:`qmriflow.model.infer.network_free_maps`; a head-sized brain mask narrowed as at
+    inference) into ``targets.npy`` (slices, 3, H, W; float32, 0 where a session has none),
+    the targets of the training's distillation term (``TrainConfig.distill``).
     Returns the index (also written to ``out_dir/index.json``).
     """
     out = Path(out_dir)
@@ -375,6 +380,9 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
     images = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.float16,
                                        shape=(n_max, 3, *hw))
     masks = np.lib.format.open_memmap(tmp_msk, mode="w+", dtype=np.uint8, shape=(n_max, *hw))
+    tmp_tgt = out / ".targets.tmp.npy"
+    tgts = (np.lib.format.open_memmap(tmp_tgt, mode="w+", dtype=np.float32,
+                                      shape=(n_max, 3, *hw)) if targets else None)
     sessions: list[dict[str, Any]] = []
     slice_session: list[int] = []
     slice_z: list[int] = []
@@ -400,17 +408,22 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
                                 "reason": f"{f.label}: no slice with enough head"})
                 continue
             k = keep.size
-            images[n:n + k] = sd.images[keep].astype(np.float16)
-            masks[n:n + k] = sd.head[keep].astype(np.uint8) | (sd.brain[keep].astype(np.uint8) << 1)
             calib = None
             if f.dseg.is_file():
                 try:
                     calib = session_calibration(sd, clusters=clusters)
+                    target = None if tgts is None else _distill_targets(sd, calib)
                 except InputError as exc:
                     if not skip_incomplete:
                         raise
                     skipped.append({"session_dir": str(f.params.parent), "reason": str(exc)})
                     continue
+                if tgts is not None and target is not None:
+                    tgts[n:n + k] = target[keep]
+            elif tgts is not None:
+                tgts[n:n + k] = 0.0
+            images[n:n + k] = sd.images[keep].astype(np.float16)
+            masks[n:n + k] = sd.head[keep].astype(np.uint8) | (sd.brain[keep].astype(np.uint8) << 1)
             si = len(sessions)
             rows = [protocol_row(sd.protocols[c]) for c in CONTRASTS]
             sessions.append({
@@ -423,6 +436,7 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
                     [*r[:5], training_scale(sd.protocols[c], calib.scales[c])]
                     for r, c in zip(rows, CONTRASTS, strict=True)],
                 "calibration": None if calib is None else calib.as_dict(),
+                "targets": tgts is not None and calib is not None,
             })
             slice_session.extend([si] * k)
             slice_z.extend(int(z) for z in keep)
@@ -433,8 +447,15 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
         # shrink to the slices kept (rewrite the header of a truncated copy when needed)
         _finalise(tmp_img, out / "images.npy", n)
         _finalise(tmp_msk, out / "masks.npy", n)
+        if tgts is not None:
+            tgts.flush()
+            del tgts
+            _finalise(tmp_tgt, out / "targets.npy", n)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (out / "targets.npy").unlink()  # a repack without targets
     except BaseException:
-        for t in (tmp_img, tmp_msk):
+        for t in (tmp_img, tmp_msk, tmp_tgt):
             with contextlib.suppress(FileNotFoundError):
                 t.unlink()
         raise
@@ -442,6 +463,8 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
         "version": PACK_VERSION, "contrasts": list(CONTRASTS), "n_slices": n,
         "height": int(hw[0]), "width": int(hw[1]), "images_dtype": "float16",
         "mask_bits": {"head": 1, "brain": 2}, "min_head_fraction": min_head_fraction,
+        "targets": ("network-free maps (qmriflow.model.infer.network_free_maps), float32"
+                    if targets else None),
         "protocol_columns": ["sequence", "tr_ms", "te_eff_ms", "ti_ms", "fa_deg", "ref_scale"],
         "sequences": list(physics.SEQUENCES),
         "sessions": sessions, "slice_session": slice_session, "slice_z": slice_z,
@@ -449,6 +472,17 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
     }
     write_json(out / "index.json", index)
     return index
+
+
+def _distill_targets(sd: SessionData, calib: Any) -> np.ndarray:
+    """The network-free maps (S, 3, H, W) of a loaded, calibrated session, its brain mask
+    narrowed first when it is head-sized (as :func:`qmriflow.model.infer.infer_session` does;
+    ``sd.brain`` changes with it)."""
+    from .infer import narrow_head_mask, network_free_maps
+
+    seg = session_seg(sd)
+    narrow_head_mask(sd, seg)
+    return network_free_maps(sd, calib, seg)
 
 
 def _finalise(tmp: Path, final: Path, n: int) -> None:
@@ -499,6 +533,14 @@ class PackedSlices:
         self.protocols = np.asarray([s[key] for s in self.index["sessions"]],
                                     dtype=np.float32)  # (S, 3, 6)
         self.subjects = [s["subject"] for s in self.index["sessions"]]
+        self.targets = None
+        if (d / "targets.npy").is_file():
+            try:
+                self.targets = np.load(d / "targets.npy", mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise InputError(f"packed targets unreadable: {exc}", path=d) from None
+            if self.targets.shape != (n, 3, *self.images.shape[2:]):
+                raise InputError("targets.npy and the packed images disagree in shape", path=d)
 
     def __len__(self) -> int:
         return int(self.index["n_slices"])
@@ -516,9 +558,12 @@ class PackedSlices:
         images = np.asarray(self.images[srt], dtype=np.float32)[inv]
         masks = np.asarray(self.masks[srt])[inv]
         ses = self.slice_session[idx]
-        return {"images": images, "head": (masks & 1).astype(bool)[:, None],
-                "brain": (masks & 2).astype(bool)[:, None], "protocols": self.protocols[ses],
-                "groups": ses}
+        out = {"images": images, "head": (masks & 1).astype(bool)[:, None],
+               "brain": (masks & 2).astype(bool)[:, None], "protocols": self.protocols[ses],
+               "groups": ses}
+        if self.targets is not None:
+            out["targets"] = np.asarray(self.targets[srt], dtype=np.float32)[inv]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

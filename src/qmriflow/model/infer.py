@@ -97,7 +97,7 @@ from .published import SeedInputs, seed_inputs
 from .train import _cpu_has_bf16, resolve_device, resolve_precision
 
 __all__ = ["ESTIMATORS", "PUBLISHED_CHECKPOINT_NAMES", "infer_session", "map_paths",
-           "predict_maps", "resolve_checkpoint", "resynthesise"]
+           "network_free_maps", "predict_maps", "resolve_checkpoint", "resynthesise"]
 
 MAP_UNITS = {"T1map": "s", "T2map": "s", "PDmap": "arbitrary"}
 
@@ -376,6 +376,19 @@ def _tissue_maps(sd: Any, calib: Any, seg: np.ndarray) -> np.ndarray:
     (:func:`~qmriflow.model.calibration.tissue_value_maps`), 0 outside."""
     maps = tissue_value_maps(seg, calib.tissues, sd.brain)
     return np.moveaxis(maps, -1, 1).astype(np.float32)
+
+
+def network_free_maps(sd: Any, calib: Any, seg: np.ndarray,
+                      contrasts: Sequence[str] = CONTRASTS,
+                      smoothing: Smoothing = DEFAULT_SMOOTHING) -> np.ndarray:
+    """The ``network-free`` estimate (S, 3, H, W) float32 (PD, T1 s, T2 s; 0 outside the brain)
+    of a loaded session ``sd`` with its calibration ``calib`` and dseg ``seg``: the
+    calibration's tissue values made consistent with the inputs ``contrasts`` and smoothed,
+    exactly as ``qmriflow infer --estimator network-free``. No network and no truth: the
+    targets of the network's distillation term (:func:`qmriflow.model.losses.distill_l1`)."""
+    maps, _, _ = _pin(_tissue_maps(sd, calib, seg), sd, calib, tuple(contrasts), seg, smoothing,
+                      from_network=False)
+    return maps
 
 
 def _estimate(estimator: str, maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],

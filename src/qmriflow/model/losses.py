@@ -6,13 +6,19 @@ with each slice's own protocol (TSE/FLAIR TE correction included), rescaled by t
 closed-form least-squares scale (:func:`qmriflow.physics.ls_global_scale`, ±20 % around the
 white-matter reference scale) and compared with the mode-normalised input:
 
-    L = L1 + λ_TV · TV + λ_PD · mean(max(0, 0.60 − PD))
+    L = L1 + λ_TV · TV + λ_PD · mean(max(0, 0.60 − PD)) [+ λ_D · D]
 
 * ``L1``: mean absolute error **inside the head mask only** (the published code averages over
   the whole slice, so the background dilutes it), averaged over the three contrasts;
 * ``TV``: isotropic total variation ‖∇Q‖₂ of PD/0.70, T1/0.85 s, T2/0.070 s (the WM reference
   values, so the three maps weigh alike), mean over head voxels, averaged over the three maps;
-* PD hinge: soft lower bound on PD, mean over head voxels.
+* PD hinge: soft lower bound on PD, mean over head voxels;
+* ``D`` (optional, ``LossWeights.distill`` = λ_D > 0, calibrated scaling; issue 22): mean over
+  brain voxels of |log Q − log Q_nf| against the session's ``network-free`` maps Q_nf (the
+  calibration's tissue values made consistent with all three inputs under the calibrated
+  scales and the series' own signal models, echo trains included; packed by ``qmriflow pack
+  --targets``). Self-supervised too (no truth): it teaches the network the estimate the
+  per-voxel solver reaches, so that its maps alone (the fast path) are calibrated.
 
 Per-slice protocols travel as a float tensor of shape (B, 6) per contrast, columns
 :data:`PROTOCOL_COLUMNS`: sequence code (index into ``physics.SEQUENCES``), TR (ms), effective
@@ -38,6 +44,7 @@ __all__ = [
     "TV_SCALES",
     "LossWeights",
     "bounded_scale",
+    "distill_l1",
     "isotropic_tv",
     "masked_l1",
     "mono_exponential",
@@ -66,6 +73,8 @@ class LossWeights:
     scaling: str = "seed"
     """``seed``: bounded LS scale (±scale_bound around the reference in column 5);
     ``calibrated``: column 5 is the session's calibrated scale, used as it is (no freedom)."""
+    distill: float = 0.0
+    """λ_D of the distillation term :func:`distill_l1` (0 = off, the published loss)."""
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -150,6 +159,18 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
     return (m * (pred - target).abs()).sum() / m.sum().clamp_min(1.0)
 
 
+def distill_l1(maps: torch.Tensor, targets: torch.Tensor, brain: torch.Tensor,
+               floor: float = 1e-3) -> torch.Tensor:
+    """Mean over the brain voxels with a target of |log Q − log Q_t|, averaged over PD, T1
+    and T2: ``maps`` and ``targets`` (B, 3, H, W), ``brain`` (B, 1, H, W); a voxel whose
+    target is 0 (no target, outside the brain) does not count. 0 if no voxel counts."""
+    m = brain.bool() & (targets > 0).all(dim=1, keepdim=True)
+    diff = (torch.log(maps.float().clamp_min(floor))
+            - torch.log(targets.float().clamp_min(floor))).abs()
+    w = m.to(diff.dtype)
+    return (diff * w).sum() / (3.0 * w.sum()).clamp_min(1.0)
+
+
 def isotropic_tv(maps: torch.Tensor, mask: torch.Tensor,
                  scales: Sequence[float] = TV_SCALES, eps: float = 1e-12) -> torch.Tensor:
     """Isotropic TV of each map channel divided by its ``scale``, averaged over channels.
@@ -189,12 +210,15 @@ def warmup_loss(maps: torch.Tensor, head: torch.Tensor,
 
 def physics_loss(maps: torch.Tensor, images: torch.Tensor, head: torch.Tensor,
                  protocols: torch.Tensor, groups: torch.Tensor | None = None,
-                 weights: LossWeights | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 weights: LossWeights | None = None, targets: torch.Tensor | None = None,
+                 brain: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The training objective for one batch.
 
     ``maps`` (B, 3, H, W) PD/T1/T2; ``images`` (B, 3, H, W) mode-normalised T1w/T2w/FLAIR;
     ``head`` (B, 1, H, W) head mask; ``protocols`` (B, 3, 6) protocol rows per contrast;
-    ``groups`` (B,) scale groups. Returns the loss and its parts as floats.
+    ``groups`` (B,) scale groups; ``targets`` (B, 3, H, W) and ``brain`` (B, 1, H, W): the
+    distillation term's targets and where it counts (needed when ``weights.distill`` > 0).
+    Returns the loss and its parts as floats.
     """
     w = weights or LossWeights()
     maps = maps.float()
@@ -216,6 +240,12 @@ def physics_loss(maps: torch.Tensor, images: torch.Tensor, head: torch.Tensor,
     total = l1 + w.tv * tv + w.pd * pdh
     parts = {"loss": float(total.detach()), "l1": float(l1.detach()), "tv": float(tv.detach()),
              "pd_hinge": float(pdh.detach())}
+    if w.distill > 0:
+        if targets is None or brain is None:
+            raise ValueError("the distillation term needs targets and a brain mask")
+        dist = distill_l1(maps, targets, brain)
+        total = total + w.distill * dist
+        parts.update(loss=float(total.detach()), distill=float(dist.detach()))
     for c, s in enumerate(scales):
         parts[f"scale_rel_{c}"] = float(s.mean())
     return total, parts

@@ -74,6 +74,7 @@ class TrainConfig:
     val_max_slices: int | None = 1024
     warmup_epochs: int = 1  # published: one epoch pulling the maps towards WM values
     warmup_min_steps: int = 300  # ... and at least this many steps (small archives)
+    distill: float = 0.0  # λ_D of the distillation term (losses.distill_l1); needs packed targets
     # run settings (may change between an interrupted run and its resumption)
     device: str = "auto"
     precision: str = "auto"
@@ -92,6 +93,9 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.lr > 0 and math.isfinite(self.lr), "lr must be > 0"),
             (self.lambda_tv >= 0 and self.lambda_pd >= 0, "loss weights must be >= 0"),
+            (math.isfinite(self.distill) and self.distill >= 0, "distill must be >= 0"),
+            (self.distill == 0 or self.scaling == "calibrated",
+             "distill needs scaling: calibrated (its targets are on the calibrated scales)"),
             (0 <= self.dropout <= 1, "dropout must be in [0, 1]"),
             (0 < self.scale_bound < 1, "scale_bound must be in (0, 1)"),
             (self.init in INITS, f"init must be one of {INITS}"),
@@ -104,13 +108,16 @@ class TrainConfig:
                 raise ConfigError(f"train: {msg}")
 
     def hyperparameters(self) -> dict[str, Any]:
-        """Settings that define the trained model (must match to resume)."""
+        """Settings that define the trained model (must match to resume); ``distill`` only
+        when it is on (models trained with the published loss record what they did before)."""
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in self.RUN_SETTINGS}
+                if f.name not in self.RUN_SETTINGS and not (f.name == "distill"
+                                                            and self.distill == 0)}
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(tv=self.lambda_tv, pd=self.lambda_pd, pd_threshold=self.pd_threshold,
-                           scale_bound=self.scale_bound, scaling=self.scaling)
+                           scale_bound=self.scale_bound, scaling=self.scaling,
+                           distill=self.distill)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -207,7 +214,8 @@ def _evaluate(model: SharedAttnUNet, packed: PackedSlices, idx: np.ndarray, cfg:
                 maps = model(b["images"])
             groups = b["groups"] if cfg.scale_group == "session" else None
             _, parts = physics_loss(maps.float(), b["images"], b["head"], b["protocols"],
-                                    groups, cfg.loss_weights())
+                                    groups, cfg.loss_weights(), b.get("targets"),
+                                    b["brain"])
             k = int(b["images"].shape[0])
             for key, v in parts.items():
                 tot[key] = tot.get(key, 0.0) + v * k
@@ -268,6 +276,9 @@ def train(pack_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     packed = PackedSlices(pack_dir, cfg.scaling)
+    if cfg.distill > 0 and packed.targets is None:
+        raise ConfigError("distill > 0 needs the network-free targets in the pack: pack with "
+                          "`qmriflow pack --targets`", path=pack_dir)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     dev = resolve_device(cfg.device)
@@ -334,7 +345,9 @@ def train(pack_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = N
         "n_subjects": {k: sum(1 for v in split.values() if v == k)
                        for k in ("train", "val", "test")},
         "steps_per_epoch": steps, "optimizer": "Adam(betas=(0.9, 0.999))",
-        "loss": "L1 (head) + lambda_tv*TV + lambda_pd*mean(max(0, pd_threshold - PD))",
+        "loss": "L1 (head) + lambda_tv*TV + lambda_pd*mean(max(0, pd_threshold - PD))"
+                + (" + distill*mean|log maps - log network-free maps| (brain)"
+                   if cfg.distill > 0 else ""),
     }
     # the model folder is shared with the maps: file references relative to the dataset, or
     # the name alone for the pack in the work folder (io.dataset_ref)
@@ -368,7 +381,7 @@ def train(pack_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = N
             maps = network_forward(model, b["images"], keep, dev, precision)
             groups = b["groups"] if cfg.scale_group == "session" else None
             loss, parts = physics_loss(maps.float(), b["images"], b["head"], b["protocols"],
-                                       groups, weights)
+                                       groups, weights, b.get("targets"), b["brain"])
             if epoch < cfg.warmup_epochs or epoch * steps + step < cfg.warmup_min_steps:
                 loss = loss + warmup_loss(maps.float(), b["head"])
             if not torch.isfinite(loss):
