@@ -591,7 +591,7 @@ def test_distillation_brings_the_networks_maps_to_the_network_free_ones(packed_t
     for w in (0.0, 2.0):
         out = tmp_path / f"d{w:g}"
         cfg = TrainConfig(**{**CFG, "epochs": 4}, steps_per_epoch=25, scaling="calibrated",
-                          distill=w, warmup_min_steps=0)
+                          distill=w)
         train(packed_targets, out, cfg, progress=False)
         model, _ = load_model(out / "model.pt", torch.device("cpu"))
         maps = predict_maps(model, b["images"], device=torch.device("cpu"), precision="fp32")

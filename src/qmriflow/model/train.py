@@ -74,7 +74,8 @@ class TrainConfig:
     val_max_slices: int | None = 1024
     warmup_epochs: int = 1  # published: one epoch pulling the maps towards WM values
     warmup_min_steps: int = 300  # ... and at least this many steps (small archives)
-    distill: float = 0.0  # λ_D of the distillation term (losses.distill_l1); needs packed targets
+    distill: float = 0.0  # λ_D of the distillation term (losses.distill_l1); needs packed
+    # targets; with it there is no warm-up (its targets put the maps in the physiological range)
     # run settings (may change between an interrupted run and its resumption)
     device: str = "auto"
     precision: str = "auto"
@@ -382,7 +383,10 @@ def train(pack_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = N
             groups = b["groups"] if cfg.scale_group == "session" else None
             loss, parts = physics_loss(maps.float(), b["images"], b["head"], b["protocols"],
                                        groups, weights, b.get("targets"), b["brain"])
-            if epoch < cfg.warmup_epochs or epoch * steps + step < cfg.warmup_min_steps:
+            # the warm-up pulls a fresh network into the physiological range; the
+            # distillation term's targets do that already (and better), so it has none
+            if cfg.distill == 0 and (epoch < cfg.warmup_epochs
+                                     or epoch * steps + step < cfg.warmup_min_steps):
                 loss = loss + warmup_loss(maps.float(), b["head"])
             if not torch.isfinite(loss):
                 raise InputError(f"training diverged (loss {float(loss)}) at epoch {epoch + 1} "
