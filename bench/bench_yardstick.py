@@ -153,6 +153,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "*_distill<W> folders)")
     ap.add_argument("--quick", action="store_true",
                     help=f"{EPOCHS['quick']} training epochs instead of {EPOCHS['full']}")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="training epochs (overrides --quick's and the full count; models and "
+                         "maps in *_e<N> folders)")
     a = ap.parse_args(argv)
     checks = [
         (a.phantom_seed >= 0, f"argument --phantom-seed: must be >= 0, got {a.phantom_seed}"),
@@ -166,6 +169,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         (math.isfinite(a.gain_jitter) and a.gain_jitter >= 0,
          f"argument --gain-jitter: must be >= 0, got {a.gain_jitter}"),
         (all(s >= 0 for s in a.seeds), f"argument --seeds: must be >= 0, got {a.seeds}"),
+        (a.epochs is None or a.epochs >= 1, f"argument --epochs: must be >= 1, got {a.epochs}"),
         (math.isfinite(a.distill) and a.distill >= 0,
          f"argument --distill: must be >= 0, got {a.distill}"),
         (len(set(a.seeds)) == len(a.seeds), f"argument --seeds: repeated seed in {a.seeds}"),
@@ -942,8 +946,9 @@ def run(a: argparse.Namespace) -> int:
            + ("_calsession" if a.cluster_scales == "on" and a.calibration_session == "on"
               else "")
            + ("_nocluster" if a.cluster_scales == "off" else "")
-           + (f"_distill{a.distill:g}" if a.distill > 0 else ""))
-    epochs = EPOCHS["quick" if a.quick else "full"]
+           + (f"_distill{a.distill:g}" if a.distill > 0 else "")
+           + (f"_e{a.epochs}" if a.epochs is not None else ""))
+    epochs = a.epochs or EPOCHS["quick" if a.quick else "full"]
 
     t = time.perf_counter()
     manifest = ensure_archive(archive, phantom_kwargs(a))

@@ -113,6 +113,15 @@ def test_workflow_discovers_and_converts_every_session(phantom_archive, manifest
         assert "physics.echo_train.t2w_refocusing_deg" in t2w["echo_train_source"]
         assert flair["signal_model"] == "epg" and "ASSUMED" in flair["echo_train_source"]
     assert (tmp_path / "res" / "failures.tsv").read_text().strip().count("\n") == 0
+    # the model steps as planned: the pack holds the network-free targets and training
+    # distils towards them (model.distill, default 1.0 with calibrated scaling)
+    plan = _snakemake("train", "-n", "-p", "--cores", "2", "--configfile",
+                      str(tmp_path / "c.yaml"), cwd=tmp_path)
+    assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
+    pack_cmd = next(ln for ln in plan.stdout.splitlines() if "qmriflow pack " in ln)
+    train_cmd = next(ln for ln in plan.stdout.splitlines() if "qmriflow train " in ln)
+    assert " --targets " in pack_cmd
+    assert "--scaling calibrated --distill 1.0 " in train_cmd
     # no identifier anywhere: names, logs, sidecars, tables, NIfTI headers
     assert assert_no_identifiers(tmp_path) > 50
     # pseudonyms are stable for a salt and change with it
