@@ -6,6 +6,9 @@ Per method (and the ``prior`` / ``constant`` baselines): the between-subject slo
 estimated on the true session means of WM/GM T1, T2 and PD — within protocol clusters where
 the report has more than one — the RMS error of those means, and the recovered fraction of the
 brain-wide T1/T2 shift. Computed by bench_yardstick's own functions from the JSON it wrote.
+When the report has both, a second table compares the fast path with the default: per WM/GM
+T1, T2 and PD, the median and largest |network-only / calibrated − 1| of the session means and
+the share of sessions within 5 % (issue 22: "the fast path is calibrated").
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def summary(report: dict[str, Any]) -> str:
     kind = "within-cluster slope (r)" if clusters > 1 else "slope (r)"
     cols = [f"{t} {p}" for p in PARAMS for t in TISSUES]
     lines = [f"**{title_suffix(s)}**, {s.get('sessions_used', '?')} sessions, seeds "
-             f"{s.get('seeds')}{', quick' if s.get('quick') else ''}", "",
+             f"{s.get('seeds')}, {s.get('epochs', '?')} training epochs"
+             + (f", distillation {s['distill']:g}" if s.get("distill") else ""), "",
              f"| method | {' | '.join(f'{c} {kind}' for c in cols)} | "
              f"{' | '.join(f'{c} RMS %' for c in cols)} | shift T1 | shift T2 |",
              "|" + "---|" * (2 * len(cols) + 3)]
@@ -61,6 +65,34 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fast_path_agreement(report: dict[str, Any], fast: str = "network-only",
+                        ref: str = "calibrated", within: float = 5.0) -> str:
+    """The fast path's session means against the default's (see the module docstring); empty
+    when the report lacks either method."""
+    methods = report["methods"]
+    if fast not in methods or ref not in methods:
+        return ""
+    key = lambda r: (r["label"], r.get("seed"))  # noqa: E731
+    refs = {key(r): r for r in methods[ref]["sessions"]}
+    cols, cells = [], []
+    for p in PARAMS:
+        for t in TISSUES:
+            d = [100.0 * abs(r["estimated"][t][p] / refs[key(r)]["estimated"][t][p] - 1.0)
+                 for r in methods[fast]["sessions"] if key(r) in refs]
+            d.sort()
+            cols.append(f"{t} {p}")
+            if not d:
+                cells.append("—")
+                continue
+            med = d[len(d) // 2] if len(d) % 2 else 0.5 * (d[len(d) // 2 - 1] + d[len(d) // 2])
+            share = 100.0 * sum(x <= within for x in d) / len(d)
+            cells.append(f"{med:.1f} / {d[-1]:.1f} / {share:.0f} %")
+    return "\n".join([
+        f"{fast} vs {ref} (the default): median / largest |{fast} / {ref} − 1| % of the "
+        f"session means / sessions within {within:g} %", "",
+        f"| {' | '.join(cols)} |", "|" + "---|" * len(cols), f"| {' | '.join(cells)} |"]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="yardstick_summary", description=__doc__.splitlines()[0])
     ap.add_argument("reports", nargs="+", type=Path, help="yardstick.json files")
@@ -72,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"yardstick_summary: {p}: {exc}", file=sys.stderr)
             return 2
         print(summary(report))
+        agreement = fast_path_agreement(report)
+        if agreement:
+            print(agreement)
     return 0
 
 
