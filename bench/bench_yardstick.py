@@ -153,6 +153,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "*_distill<W> folders)")
     ap.add_argument("--quick", action="store_true",
                     help=f"{EPOCHS['quick']} training epochs instead of {EPOCHS['full']}")
+    ap.add_argument("--model-error", type=float, default=None,
+                    help="infer --model-error (relative signal-model error in the uncertainty "
+                         "maps; default: the package's; maps in *_me<X> folders)")
     ap.add_argument("--epochs", type=int, default=None,
                     help="training epochs (overrides --quick's and the full count; models and "
                          "maps in *_e<N> folders)")
@@ -170,6 +173,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
          f"argument --gain-jitter: must be >= 0, got {a.gain_jitter}"),
         (all(s >= 0 for s in a.seeds), f"argument --seeds: must be >= 0, got {a.seeds}"),
         (a.epochs is None or a.epochs >= 1, f"argument --epochs: must be >= 1, got {a.epochs}"),
+        (a.model_error is None or (math.isfinite(a.model_error) and a.model_error >= 0),
+         f"argument --model-error: must be >= 0, got {a.model_error}"),
         (math.isfinite(a.distill) and a.distill >= 0,
          f"argument --distill: must be >= 0, got {a.distill}"),
         (len(set(a.seeds)) == len(a.seeds), f"argument --seeds: repeated seed in {a.seeds}"),
@@ -949,6 +954,9 @@ def run(a: argparse.Namespace) -> int:
            + (f"_distill{a.distill:g}" if a.distill > 0 else "")
            + (f"_e{a.epochs}" if a.epochs is not None else ""))
     epochs = a.epochs or EPOCHS["quick" if a.quick else "full"]
+    # a model-error variant reuses the pack and models, with its own maps and tables
+    mtag = tag + (f"_me{a.model_error:g}" if a.model_error is not None else "")
+    infer_extra = {} if a.model_error is None else {"model_error": a.model_error}
 
     t = time.perf_counter()
     manifest = ensure_archive(archive, phantom_kwargs(a))
@@ -1010,7 +1018,7 @@ def run(a: argparse.Namespace) -> int:
         for seed in method_seeds(m, a.seeds):
             t = time.perf_counter()
             ckpt = None if trained_as is None else models[trained_as, seed]  # type: ignore[index]
-            out = maps_dir(work, tag, m, seed)
+            out = maps_dir(work, mtag, m, seed)
             for s in sessions:
                 done = map_paths(out, s.label)["T1map"]
                 if done.is_file() and (ckpt is None or done.stat().st_mtime
@@ -1019,7 +1027,8 @@ def run(a: argparse.Namespace) -> int:
                 try:
                     infer_session(dirs[s.label], ckpt, out, scaling=scaling, estimator=estimator,
                                   precision="fp32", device="cpu", threads=THREADS, synth=False,
-                                  clusters=None if m in PER_SESSION else clusters_json)
+                                  clusters=None if m in PER_SESSION else clusters_json,
+                                  **infer_extra)
                 except QmriflowError as exc:
                     print(f"{PROG}: session {s.name}: {m} seed {seed}: inference failed, "
                           f"session left out: {exc}", flush=True)
@@ -1039,7 +1048,7 @@ def run(a: argparse.Namespace) -> int:
         trained_as = METHOD_SPEC[m][0]
         rows, twins = [], []
         for seed in method_seeds(m, a.seeds):
-            out = maps_dir(work, tag, m, seed)
+            out = maps_dir(work, mtag, m, seed)
             for s in sessions:
                 mp = map_paths(out, s.label)
                 row: dict[str, Any] = {
@@ -1088,7 +1097,7 @@ def run(a: argparse.Namespace) -> int:
         "global_shift": a.global_shift, "gain_model": a.gain_model,
         "gain_jitter": a.gain_jitter, "mismatch": a.mismatch, "segmentation": a.segmentation,
         "cluster_scales": a.cluster_scales, "calibration_session": a.calibration_session,
-        "distill": a.distill,
+        "distill": a.distill, "model_error": a.model_error,
         "methods": list(a.methods), "seeds": list(a.seeds), "quick": a.quick, "epochs": epochs,
         "trained": trained, "width": WIDTH, "threads": THREADS, "default_method": default,
         "tissue_table": "independent", "pseudonym_salt": SALT,
@@ -1099,10 +1108,10 @@ def run(a: argparse.Namespace) -> int:
         "timing_s": clock.total(),
     }
     report = {"settings": settings, "methods": methods, "twins_truth": ceiling}
-    out_json = work / f"yardstick{tag}.json"
+    out_json = work / f"yardstick{mtag}.json"
     out_json.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
     text = render_tables(report)
-    (work / f"yardstick{tag}.md").write_text(text + "\n")
+    (work / f"yardstick{mtag}.md").write_text(text + "\n")
     print("\n" + text, flush=True)
     print(f"timing (s): {json.dumps(settings['timing_s'])}")
     print(f"wrote {out_json} and {out_json.with_suffix('.md')}", flush=True)

@@ -346,6 +346,25 @@ def test_scale_sensitivity_is_the_linearised_move():
     assert not cal.scale_sensitivity(maps, np.ones(3, bool), protos, np.zeros((3, 3))).any()
 
 
+def test_model_error_adds_like_independent_scale_errors():
+    # a relative signal-model error sigma per contrast moves the maps exactly as independent
+    # scale errors of that size: the same SDs as a diagonal scale covariance of sigma^2, added
+    # in quadrature to the scales' own covariance
+    maps = np.array([[0.7, 0.85, 0.07], [0.8, 1.35, 0.09], [0.75, 1.1, 0.08]])
+    protos = list(PROTOS.values())
+    mask = np.ones(3, bool)
+    scales_cov = np.diag([0.02, 0.03, 0.04]) ** 2
+    with_model = cal.scale_sensitivity(maps, mask, protos, scales_cov, model_log_sd=0.05)
+    by_hand = cal.scale_sensitivity(maps, mask, protos, scales_cov + 0.05 ** 2 * np.eye(3))
+    np.testing.assert_allclose(with_model, by_hand, rtol=1e-6)
+    alone = cal.scale_sensitivity(maps, mask, protos, 0.05 ** 2 * np.eye(3))
+    scales_only = cal.scale_sensitivity(maps, mask, protos, scales_cov)
+    np.testing.assert_allclose(with_model ** 2, alone ** 2 + scales_only ** 2, rtol=1e-5)
+    assert np.all(with_model > scales_only)
+    np.testing.assert_array_equal(
+        cal.scale_sensitivity(maps, mask, protos, scales_cov, model_log_sd=0.0), scales_only)
+
+
 def test_calibrated_loss_uses_the_scale_as_given():
     from qmriflow.model.losses import LossWeights, physics_loss, protocol_row
 

@@ -156,6 +156,14 @@ def test_thread_and_core_counts_below_one_are_refused(argv, capsys, tmp_path, mo
     assert "must be at least" in err
 
 
+@pytest.mark.parametrize("value", ["-0.1", "nan", "inf", "five"])
+def test_model_error_must_be_a_finite_non_negative_number(value, capsys):
+    for cmd in (["infer", "s"], ["infer-nifti"]):
+        err = _usage_error([*cmd, "--out-dir", "o", "--model-error", value], capsys)
+        assert "--model-error" in err and ("must be a finite number >= 0" in err
+                                           or "not a number" in err)
+
+
 def test_cse_fit_threads_zero_keeps_its_auto_meaning():
     from qmriflow.cli import build_parser
 

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..model.calibration import (
     DEFAULT_ESTIMATOR,
     DEFAULT_METHOD,
+    DEFAULT_MODEL_ERROR,
     DEFAULT_SMOOTHING,
     ESTIMATORS,
     SMOOTHING_GUIDES,
@@ -35,6 +36,17 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
     if len(vals) != n:
         raise ConfigError(f"{what}: expected {n} comma-separated numbers, got {text!r}")
     return vals
+
+
+def _non_negative(text: str) -> float:
+    """argparse type of a finite number >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (v >= 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
 
 
 def _smoothing(text: str) -> Smoothing:
@@ -244,10 +256,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="start afresh even if last.pt exists in OUT_DIR")
     p.add_argument("--max-epochs-this-run", type=int, default=None,
                    help="stop after this many epochs (resume later with the same command)")
-    p.add_argument("--network-fov", choices=["brain", "slice"], default="brain",
-                   help="calibrated scaling, refined/network-free: the network (the data "
-                        "consistency's prior) sees the brain's bounding box (default, about "
-                        "half the work) or the whole slice")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--provenance", type=Path, help="write this step's provenance JSON here")
 
@@ -315,6 +323,11 @@ def _infer_model_args(p: argparse.ArgumentParser, contrasts_default: str | None)
                    help="calibrated scaling, refined/network-free: the network (the data "
                         "consistency's prior) sees the brain's bounding box (default, about "
                         "half the work) or the whole slice")
+    p.add_argument("--model-error", type=_non_negative, default=DEFAULT_MODEL_ERROR,
+                   metavar="SD",
+                   help="calibrated scaling: relative error (log-SD) of each contrast's signal "
+                        "model added to the calibrated scales' covariance in the uncertainty "
+                        f"maps (default {DEFAULT_MODEL_ERROR}; 0 = the scales' posterior alone)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress lines on stderr (the precision line stays)")
     # the usage error of a missing --checkpoint (required unless --estimator network-free)
@@ -333,7 +346,8 @@ def _infer_kwargs(a: argparse.Namespace, contrasts: tuple[str, ...]) -> dict:
                 batch_size=a.batch_size, threads=a.threads, brain_mask=not a.no_brain_mask,
                 synth=not a.no_synth, scale_bound=a.scale_bound, scaling=a.scaling,
                 smoothing=_smoothing_of(a), estimator=a.estimator, clusters=a.clusters,
-                progress=not a.no_progress, network_fov=a.network_fov)
+                progress=not a.no_progress, network_fov=a.network_fov,
+                model_error=a.model_error)
 
 
 def _report(label: str, a: argparse.Namespace, contrasts: tuple[str, ...], info: dict) -> None:

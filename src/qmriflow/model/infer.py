@@ -66,6 +66,7 @@ from ..errors import ConfigError, InputError
 from ..io import save_nifti
 from .calibration import (
     DEFAULT_ESTIMATOR,
+    DEFAULT_MODEL_ERROR,
     DEFAULT_SMOOTHING,
     ESTIMATORS,
     METHODS,
@@ -392,7 +393,8 @@ def network_free_maps(sd: Any, calib: Any, seg: np.ndarray,
 
 
 def _estimate(estimator: str, maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str],
-              seg: np.ndarray | None, smoothing: Smoothing
+              seg: np.ndarray | None, smoothing: Smoothing,
+              model_error: float = DEFAULT_MODEL_ERROR
               ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any] | None]:
     """The estimator's maps (S, 3, H, W) from the starting maps (the network's, or the
     calibration's tissue values for ``network-free``), their per-voxel SDs (None where not
@@ -400,7 +402,7 @@ def _estimate(estimator: str, maps: np.ndarray, sd: Any, calib: Any, inputs: Seq
     if estimator == "network-only" or calib is None or seg is None:
         return maps, None, None
     return _pin(maps, sd, calib, inputs, seg, smoothing,
-                from_network=estimator != "network-free")
+                from_network=estimator != "network-free", model_error=model_error)
 
 
 def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
@@ -413,7 +415,8 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
                   smoothing: Smoothing = DEFAULT_SMOOTHING,
                   estimator: str = DEFAULT_ESTIMATOR,
                   clusters: str | Path | None = None, files: SessionFiles | None = None,
-                  progress: bool = True, network_fov: str = "brain") -> dict[str, Any]:
+                  progress: bool = True, network_fov: str = "brain",
+                  model_error: float = DEFAULT_MODEL_ERROR) -> dict[str, Any]:
     """Predict and write one session's maps (see the module docstring); returns a summary.
 
     ``estimator`` (:data:`~qmriflow.model.calibration.ESTIMATORS`): ``refined`` (default) the
@@ -433,6 +436,8 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     the sidecar's ``Scaling.calibration.origin`` says which and why.
     ``files``: the session's input files when they are not laid out as a preprocessed session
     folder (``qmriflow infer-nifti``; ``session_dir`` is then ignored).
+    ``model_error``: relative error (log-SD) of each contrast's signal model added to the
+    calibrated scales' covariance in the uncertainty maps (calibrated scaling).
     ``progress``: stage lines (and the network's slices) on stderr once the session has taken
     a few seconds; the precision chosen is always printed there.
     ``network_fov``: ``brain`` (default) runs the network of the calibrated estimators on the
@@ -449,6 +454,8 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     t0 = time.perf_counter()
     if estimator not in ESTIMATORS:
         raise ConfigError(f"estimator must be one of {tuple(ESTIMATORS)}, got {estimator!r}")
+    if not (model_error >= 0 and np.isfinite(model_error)):
+        raise ConfigError(f"model_error must be a finite number >= 0, got {model_error!r}")
     if threads:
         torch.set_num_threads(int(threads))
     # the checkpoint first: a missing/corrupt model fails before any work
@@ -511,7 +518,8 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
         maps, t_net = _tissue_maps(sd, calib, seg), None
     if calib is not None and estimator != "network-only":
         report.stage("calibrated estimate (pinning, data consistency, smoothing)")
-    maps, sds, pinning = _estimate(estimator, maps, sd, calib, contrasts, seg, smoothing)
+    maps, sds, pinning = _estimate(estimator, maps, sd, calib, contrasts, seg, smoothing,
+                                   model_error)
     status = None if pinning is None else pinning["refine"].pop("status_map", None)
     t_est = time.perf_counter() - t1 - (t_net or 0.0)
     report.stage("writing")
@@ -656,7 +664,9 @@ def _write_maps(paths: dict[str, Path], maps: np.ndarray, sds: np.ndarray | None
                 "Units": MAP_UNITS[key],
                 "Description": f"standard deviation of the {key} from the posterior uncertainty "
                                "of the calibrated per-contrast scales (the free directions of "
-                               "the problem): where this is large, the value is soft", **common})
+                               "the problem) plus a relative error of each contrast's signal "
+                               "model (Scaling.pinning.uncertainty.model_error_log_sd): where "
+                               "this is large, the value is soft", **common})
             written.append(str(paths[f"sd_{key}"]))
     return written
 
@@ -782,7 +792,8 @@ def _smooth(maps: np.ndarray, brain: np.ndarray, images: np.ndarray, start: np.n
 
 
 def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str], seg: np.ndarray,
-         smoothing: Smoothing = DEFAULT_SMOOTHING, *, from_network: bool = True
+         smoothing: Smoothing = DEFAULT_SMOOTHING, *, from_network: bool = True,
+         model_error: float = DEFAULT_MODEL_ERROR
          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The calibrated estimate from starting maps (S, 3, H, W): with ``from_network`` they are
     the network's, and are first moved onto the calibrated scales (:func:`_pin_to_scales`);
@@ -794,7 +805,8 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str], seg: np.n
     by the input images or the starting maps (:func:`_smooth`). ``seg``: the session's dseg
     (S, H, W), which also chooses between the data-consistent branches of WM/GM voxels (see
     :func:`~qmriflow.model.calibration.refine_maps`). Returns the maps, their per-voxel SDs
-    (S, 3, H, W) from the scales' posterior covariance and a summary."""
+    (S, 3, H, W) from the scales' posterior covariance plus ``model_error``² per contrast
+    (:func:`~qmriflow.model.calibration.scale_sensitivity`) and a summary."""
     inputs = tuple(inputs)
     brain = sd.brain & np.all(maps > 0, axis=1)
     if from_network:
@@ -809,7 +821,9 @@ def _pin(maps: np.ndarray, sd: Any, calib: Any, inputs: Sequence[str], seg: np.n
     refined, refine["smoothing"] = _smooth(refined, brain, images, start, smoothing, inputs,
                                            from_network)
     sds = scale_sensitivity(refined, brain, [sd.protocols[c] for c in inputs],
-                            np.asarray(calib.log_cov))
-    info = {**info, "anchor": anchor, "refine": refine}
+                            np.asarray(calib.log_cov), model_error)
+    info = {**info, "anchor": anchor, "refine": refine,
+            "uncertainty": {"scales_log_cov": "the calibration's posterior",
+                            "model_error_log_sd": float(model_error)}}
     return (np.moveaxis(refined, -1, 1).astype(np.float32),
             np.moveaxis(sds, -1, 1).astype(np.float32), info)

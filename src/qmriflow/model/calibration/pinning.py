@@ -173,11 +173,15 @@ def pin_maps(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Pro
 
 
 def scale_sensitivity(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[physics.Protocol],
-                      log_cov: np.ndarray) -> np.ndarray:
+                      log_cov: np.ndarray, model_log_sd: float = 0.0) -> np.ndarray:
     """Per-voxel standard deviation of PD, T1, T2 (same units as the maps, shape of ``maps``)
     implied by the posterior covariance ``log_cov`` of the log-scales: the maps move along
     the degenerate family as Δlog θ = J⁻¹·Δlog s, so Cov(log θ) = J⁺ Σ J⁺ᵀ (J = d log S /
     d log θ at the voxel, pseudo-inverse when fewer than three contrasts). 0 outside ``mask``.
+    ``model_log_sd``: a relative error of every contrast's signal model (independent between
+    contrasts; what the estimator's equations leave out: B1, MT, echo-train details, partial
+    volume), added to Σ as ``model_log_sd² · I``: it moves the maps exactly as a scale error
+    of that size does (:data:`~qmriflow.model.calibration.DEFAULT_MODEL_ERROR`).
     """
     out = np.zeros(maps.shape, dtype=np.float32)
     sel = mask.astype(bool) & np.all(maps > 0, axis=-1)
@@ -197,7 +201,10 @@ def scale_sensitivity(maps: np.ndarray, mask: np.ndarray, protocols: Sequence[ph
             jinv[~ok] = np.linalg.pinv(jac[~ok])
     else:
         jinv = np.linalg.pinv(jac)  # (N, 3, C)
-    cov = jinv @ np.asarray(log_cov, dtype=np.float64)[None] @ np.swapaxes(jinv, 1, 2)
+    sigma = np.asarray(log_cov, dtype=np.float64)
+    if model_log_sd:
+        sigma = sigma + float(model_log_sd) ** 2 * np.eye(sigma.shape[0])
+    cov = jinv @ sigma[None] @ np.swapaxes(jinv, 1, 2)
     var = np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None)
     out[sel] = (m * np.sqrt(var)).astype(np.float32)
     return out

@@ -50,6 +50,10 @@ UNUSED = {("CSF", "flair"), ("CSF", "irgre")}
 depends steeply (and two-valuedly) on CSF T1 and, in real scans, on inflow and partial volume."""
 LIMITS = {"pd": (1e-3, 1.0), "t1_s": (0.05, 5.0), "t2_s": (0.005, 3.0)}
 """Ranges of the maps (the network's output ranges)."""
+DEFAULT_MODEL_ERROR = 0.0
+"""Relative error (log-SD) of each contrast's signal model that the uncertainty maps add to
+the calibrated scales' covariance (:func:`~qmriflow.model.calibration.scale_sensitivity`);
+``qmriflow infer --model-error``, ``model.model_error``."""
 _LOG_LO = np.log([LIMITS[p][0] for p in PARAMS])
 _LOG_HI = np.log([LIMITS[p][1] for p in PARAMS])
 """The ranges in log-parameters (PD, T1, T2 order), the bounds of every move of the maps."""
