@@ -304,6 +304,25 @@ def test_solve_normal_matches_lapack_also_near_singular():
             assert np.median(rel) < 1e-6
 
 
+def test_sym3_adjugate_inverts_symmetric_matrices_for_numpy_and_torch():
+    # the one closed-form 3 x 3 solve of the calibration (NumPy) and the fat/water fit (torch)
+    from qmriflow.sym3 import sym3_adjugate, sym3_apply
+
+    rng = np.random.default_rng(13)
+    j = rng.normal(size=(500, 4, 3))
+    a = np.swapaxes(j, 1, 2) @ j + 0.1 * np.eye(3)
+    b = rng.normal(size=(500, 3))
+    ref = np.linalg.solve(a, b[..., None])[..., 0]
+    entries = [a[:, 0, 0], a[:, 0, 1], a[:, 0, 2], a[:, 1, 1], a[:, 1, 2], a[:, 2, 2]]
+    cof, det = sym3_adjugate(*entries)
+    np.testing.assert_allclose(det, np.linalg.det(a), rtol=1e-10)
+    x = np.stack(sym3_apply(cof, *b.T), axis=1) / det[:, None]
+    np.testing.assert_allclose(x, ref, rtol=1e-8, atol=1e-10)
+    tcof, tdet = sym3_adjugate(*(torch.from_numpy(e) for e in entries))
+    tx = torch.stack(sym3_apply(tcof, *torch.from_numpy(b).T), dim=1) / tdet[:, None]
+    np.testing.assert_array_equal(tx.numpy(), x)
+
+
 def test_pin_maps_retires_voxels_held_at_the_limits_with_the_same_result():
     # voxels pushed against the bounds stop being iterated once their step no longer moves
     # them; the result equals a plain iteration of every voxel to the end

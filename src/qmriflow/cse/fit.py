@@ -30,6 +30,7 @@ from ..physics import (
     rician_nll,
     rician_nll_with_derivatives,
 )
+from ..sym3 import sym3_adjugate, sym3_apply
 
 __all__ = ["FitOptions", "FitResult", "fit_two_start", "granted_threads", "grid_search",
            "voxel_nll"]
@@ -175,19 +176,10 @@ def _lm_step(g: Any, h: Any, dgn: Any, lam: Any, x: Any, lo: Any, hi: Any,
     b = h[:, 1] * fr[:, 0] * fr[:, 1]
     c = h[:, 2] * fr[:, 0] * fr[:, 2]
     e = h[:, 4] * fr[:, 1] * fr[:, 2]
-    a00 = e_ * f_ - e * e
-    a01 = c * e - b * f_
-    a02 = b * e - c * e_
-    a11 = a * f_ - c * c
-    a12 = b * c - a * e
-    a22 = a * e_ - b * b
-    det = a * a00 + b * a01 + c * a02
-    pd = (a > 0) & (a22 > 0) & (det > 0)
+    cof, det = sym3_adjugate(a, b, c, e_, e, f_)
+    pd = (a > 0) & (cof[5] > 0) & (det > 0)  # leading minors: positive definite
     det = torch.where(pd, det, torch.ones_like(det))
-    g0, g1, g2 = g[:, 0], g[:, 1], g[:, 2]
-    step = -torch.stack([a00 * g0 + a01 * g1 + a02 * g2,
-                         a01 * g0 + a11 * g1 + a12 * g2,
-                         a02 * g0 + a12 * g1 + a22 * g2], dim=-1) / det[:, None]
+    step = -torch.stack(sym3_apply(cof, g[:, 0], g[:, 1], g[:, 2]), dim=-1) / det[:, None]
     step = torch.where(pd[:, None], step * fr, torch.zeros_like(step))
     shrink = torch.clamp(max_pdff_step / step[:, 1].abs().clamp(min=1e-30), max=1.0)
     step = step * shrink[:, None]

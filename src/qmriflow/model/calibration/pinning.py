@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from ... import physics
+from ...sym3 import sym3_adjugate, sym3_apply
 from .scales import (
     _LOG_HI,
     _LOG_LO,
@@ -96,20 +97,11 @@ def _solve_normal(jac: np.ndarray, res: np.ndarray, diag: np.ndarray | float,
     g = np.einsum("kcn,cn->kn", jac, res)
     if extra is not None:
         g += extra
-    a00, a01, a02, a11, a12, a22 = a[0, 0], a[0, 1], a[0, 2], a[1, 1], a[1, 2], a[2, 2]
-    c00 = a11 * a22 - a12 * a12
-    c01 = a02 * a12 - a01 * a22
-    c02 = a01 * a12 - a02 * a11
-    c11 = a00 * a22 - a02 * a02
-    c12 = a02 * a01 - a00 * a12
-    c22 = a00 * a11 - a01 * a01
-    det = a00 * c00 + a01 * c01 + a02 * c02
-    b0, b1, b2 = g
+    cof, det = sym3_adjugate(a[0, 0], a[0, 1], a[0, 2], a[1, 1], a[1, 2], a[2, 2])
     step = np.empty_like(g)
-    np.negative(c00 * b0 + c01 * b1 + c02 * b2, out=step[0])
-    np.negative(c01 * b0 + c11 * b1 + c12 * b2, out=step[1])
-    np.negative(c02 * b0 + c12 * b1 + c22 * b2, out=step[2])
-    scale = (np.abs(a00) + np.abs(a11) + np.abs(a22)) ** 3
+    for k, y in enumerate(sym3_apply(cof, *g)):
+        np.negative(y, out=step[k])
+    scale = (np.abs(a[0, 0]) + np.abs(a[1, 1]) + np.abs(a[2, 2])) ** 3
     bad = ~(np.abs(det) > 1e-12 * scale)
     with np.errstate(divide="ignore", invalid="ignore"):
         step /= det
