@@ -548,6 +548,35 @@ def test_pack_targets_are_the_network_free_maps(packed_targets, tiny_sessions):
     assert PackedSlices(packed_targets).batch(np.arange(2))["targets"].shape == (2, 3, SIZE, SIZE)
 
 
+def test_pack_targets_narrow_a_head_mask_as_inference_does(tiny_sessions, tmp_path):
+    # a head-sized "brain" mask (the published example's): the targets are the network-free
+    # maps exactly as `infer --estimator network-free` makes them (mask narrowed to the
+    # segmented brain), and the packed brain mask is the narrowed one
+    import shutil
+
+    from qmriflow.model.data import session_calibration, session_seg
+    from qmriflow.model.infer import narrow_head_mask, network_free_maps
+
+    src = tiny_sessions[0]
+    copy = tmp_path / "results" / src.parent.name / src.name
+    shutil.copytree(src, copy)
+    mask_path = next(copy.glob("anat/*_desc-brain_mask.nii.gz"))
+    img = nib.load(mask_path)
+    t2w = np.asarray(nib.load(next(copy.glob("anat/*_desc-preproc_T2w.nii.gz"))).dataobj)
+    head = (t2w > 0.05 * t2w.max()).astype(np.uint8)
+    assert head.sum() > 1.3 * np.asarray(img.dataobj).sum()
+    save_nifti(mask_path, head, img.affine, dtype=np.uint8)
+    pack_sessions([copy], tmp_path / "p", targets=True)
+    p = PackedSlices(tmp_path / "p", "calibrated")
+    sd = load_session(copy)
+    seg = session_seg(sd)
+    assert narrow_head_mask(sd, seg) is not None  # really head-sized
+    want = network_free_maps(sd, session_calibration(sd, seg=seg), seg)
+    z = np.asarray(p.index["slice_z"])
+    np.testing.assert_allclose(np.asarray(p.targets), want[z], rtol=1e-6)
+    np.testing.assert_array_equal((np.asarray(p.masks) & 2) > 0, sd.brain[z])
+
+
 def test_distill_l1_by_hand():
     from qmriflow.model.losses import distill_l1
 

@@ -343,8 +343,9 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
     is trained with) then come from its protocol cluster (:func:`session_calibration`).
     ``targets``: also pack each calibrated session's ``network-free`` maps
     (:func:`qmriflow.model.infer.network_free_maps`; a head-sized brain mask narrowed as at
-    inference) into ``targets.npy`` (slices, 3, H, W; float32, 0 where a session has none),
-    the targets of the training's distillation term (``TrainConfig.distill``).
+    inference) into ``targets.npy`` (slices, 3, H, W; float32, 0 where
+    a session has none), the targets of the training's distillation term
+    (``TrainConfig.distill``).
     Returns the index (also written to ``out_dir/index.json``).
     """
     out = Path(out_dir)
@@ -380,6 +381,8 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
     images = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.float16,
                                        shape=(n_max, 3, *hw))
     masks = np.lib.format.open_memmap(tmp_msk, mode="w+", dtype=np.uint8, shape=(n_max, *hw))
+    if targets:
+        from .infer import narrow_head_mask, network_free_maps  # infer imports this module
     tmp_tgt = out / ".targets.tmp.npy"
     tgts = (np.lib.format.open_memmap(tmp_tgt, mode="w+", dtype=np.float32,
                                       shape=(n_max, 3, *hw)) if targets else None)
@@ -411,15 +414,19 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
             calib = None
             if f.dseg.is_file():
                 try:
-                    calib = session_calibration(sd, clusters=clusters)
-                    target = None if tgts is None else _distill_targets(sd, calib)
+                    seg = session_seg(sd)
+                    if tgts is not None:
+                        # as at inference: a head-sized mask narrowed, in the order infer
+                        # runs (``sd.brain`` changes with it, also in the packed brain mask)
+                        narrow_head_mask(sd, seg)
+                    calib = session_calibration(sd, seg=seg, clusters=clusters)
+                    if tgts is not None:
+                        tgts[n:n + k] = network_free_maps(sd, calib, seg)[keep]
                 except InputError as exc:
                     if not skip_incomplete:
                         raise
                     skipped.append({"session_dir": str(f.params.parent), "reason": str(exc)})
                     continue
-                if tgts is not None and target is not None:
-                    tgts[n:n + k] = target[keep]
             elif tgts is not None:
                 tgts[n:n + k] = 0.0
             images[n:n + k] = sd.images[keep].astype(np.float16)
@@ -472,17 +479,6 @@ def pack_sessions(session_dirs: Sequence[str | Path], out_dir: str | Path, *,
     }
     write_json(out / "index.json", index)
     return index
-
-
-def _distill_targets(sd: SessionData, calib: Any) -> np.ndarray:
-    """The network-free maps (S, 3, H, W) of a loaded, calibrated session, its brain mask
-    narrowed first when it is head-sized (as :func:`qmriflow.model.infer.infer_session` does;
-    ``sd.brain`` changes with it)."""
-    from .infer import narrow_head_mask, network_free_maps
-
-    seg = session_seg(sd)
-    narrow_head_mask(sd, seg)
-    return network_free_maps(sd, calib, seg)
 
 
 def _finalise(tmp: Path, final: Path, n: int) -> None:
