@@ -6,8 +6,8 @@ import shlex
 # T1/T2/PD maps for every session. Thin rules: each calls one `qmriflow <step>`.
 #
 # Config (section `model:`): checkpoint, width, epochs, batch_size, lr, lambda_tv, lambda_pd,
-# distill, model_error, dropout, init, seed, scaling, map_smoothing, split, steps_per_epoch, device, precision,
-# threads, train_gpu, train_mem_mb, train_runtime_min, infer_gpu, infer_batch_size, infer_mem_mb,
+# distill, model_error, dropout, init, seed, scaling, map_smoothing, split, steps_per_epoch,
+# device, precision, threads, train_gpu, train_mem_mb, train_runtime_min, infer_gpu, infer_batch_size, infer_mem_mb,
 # min_head_fraction, search_trials, search_epochs.
 MODEL = config["model"]
 SMOOTH = MODEL["map_smoothing"]
