@@ -42,8 +42,22 @@ ROLE_TO_CONTRAST = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR"}
 COLS = ("WM pd", "WM t1", "WM t2", "GM pd", "GM t1", "GM t2")
 
 
+def mode_normalise(med: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Divide each contrast's tissue medians, in place, by the brighter of its WM and GM
+    medians — a stand-in for the histogram mode the pipeline normalises every image by, so
+    that the medians are O(1) like the workflow's (the priors' absolute noise floor,
+    ``Priors.abs_noise``, is in those units). Returns the log of each divisor."""
+    log_modes = {}
+    for c in med["WM"]:
+        m = max(med["WM"][c], med["GM"][c])
+        for t in med:
+            med[t][c] /= m
+        log_modes[c] = math.log(m)
+    return log_modes
+
+
 def _priors(log_sd: float | None, csf_sd: float | None, trust_csf_t1w: bool = False):
-    from qmriflow.model import calibration as cal
+    from qmriflow.model.calibration import scales as cal
 
     # trusted: the CSF T1w median weighted like every other median (no extra SD)
     extra = {"extra_rel_noise": {} if trust_csf_t1w else cal.Priors().extra_rel_noise}
@@ -59,7 +73,7 @@ def run(draws: int, spread: float, csf_exact: bool, log_sd: float | None, csf_sd
         use_csf_flair: bool, seed: int, csf_t1w_pv: bool = False,
         trust_csf_t1w: bool = False) -> dict:
     from qmriflow import physics
-    from qmriflow.model import calibration as cal
+    from qmriflow.model.calibration import scales as cal
     from qmriflow.phantom.protocols import draw_session_protocols
     from qmriflow.phantom.tissues import BY_NAME, subject_tissues
 
@@ -87,6 +101,7 @@ def run(draws: int, spread: float, csf_exact: bool, log_sd: float | None, csf_sd
                    for t in tis}
             if csf_t1w_pv:  # partial volume brightens the CSF T1w median: +6..+23 % measured
                 med["CSF"]["T1w"] *= 1.0 + rng.uniform(0.06, 0.23)
+            mode_normalise(med)
             res = cal.calibrate_scales(prot, med, pri)
             errs.append([100.0 * (res.tissues[t][p] / tis[t][k] - 1.0)
                          for t in ("WM", "GM") for k, p in enumerate(cal.PARAMS)])
