@@ -6,9 +6,10 @@ import shlex
 # T1/T2/PD maps for every session. Thin rules: each calls one `qmriflow <step>`.
 #
 # Config (section `model:`): checkpoint, width, epochs, batch_size, lr, lambda_tv, lambda_pd,
-# distill, model_error, dropout, init, seed, scaling, map_smoothing, split, steps_per_epoch,
-# device, precision, threads, train_gpu, train_mem_mb, train_runtime_min, infer_gpu, infer_batch_size, infer_mem_mb,
-# min_head_fraction, search_trials, search_epochs.
+# distill, model_error, model_error_cluster, dropout, init, seed, scaling, map_smoothing,
+# split, steps_per_epoch, device, precision, threads, train_gpu, train_mem_mb,
+# train_runtime_min, infer_gpu, infer_batch_size, infer_mem_mb, min_head_fraction,
+# search_trials, search_epochs.
 MODEL = config["model"]
 SMOOTH = MODEL["map_smoothing"]
 PACK = WORK / "model" / "pack"
@@ -157,7 +158,8 @@ rule infer:
              f"--batch-size {MODEL['infer_batch_size']} --scaling {MODEL['scaling']} "
              f"--smoothing {SMOOTH['radius']},{SMOOTH['sigma_space']},{SMOOTH['sigma_range']},"
              f"{SMOOTH['sigma_value']} "
-             f"--smoothing-guide {SMOOTH['guide']} --model-error {MODEL['model_error']}"
+             f"--smoothing-guide {SMOOTH['guide']} --model-error {MODEL['model_error']} "
+             f"--model-error-cluster {MODEL['model_error_cluster']}"
              + (f" --clusters {shlex.quote(str(CLUSTER_JSON))}" if USE_CLUSTERS else "")),
         flags=session_flags,
     benchmark:

@@ -159,9 +159,10 @@ def test_thread_and_core_counts_below_one_are_refused(argv, capsys, tmp_path, mo
 @pytest.mark.parametrize("value", ["-0.1", "nan", "inf", "five"])
 def test_model_error_must_be_a_finite_non_negative_number(value, capsys):
     for cmd in (["infer", "s"], ["infer-nifti"]):
-        err = _usage_error([*cmd, "--out-dir", "o", "--model-error", value], capsys)
-        assert "--model-error" in err and ("must be a finite number >= 0" in err
-                                           or "not a number" in err)
+        for flag in ("--model-error", "--model-error-cluster"):
+            err = _usage_error([*cmd, "--out-dir", "o", flag, value], capsys)
+            assert flag in err and ("must be a finite number >= 0" in err
+                                    or "not a number" in err)
 
 
 def test_cse_fit_threads_zero_keeps_its_auto_meaning():

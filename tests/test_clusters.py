@@ -305,6 +305,36 @@ def test_clusters_file_fits_keeps_and_joins(archive: dict, tmp_path: Path) -> No
     assert change["log_ratios_before"] == ratios
 
 
+def test_uncertainty_maps_take_the_model_error_of_where_the_scales_come_from(
+        archive: dict, tmp_path: Path) -> None:
+    """Scales from a protocol cluster get ``model_error_cluster`` in their uncertainty maps,
+    scales from the session alone ``model_error``; the sidecar says which."""
+    import nibabel as nib
+
+    from qmriflow.model.infer import infer_session, map_paths
+
+    out = tmp_path / "clusters.json"
+    fit_clusters([*archive["a"][:4], archive["b"]], out, min_sessions=3, log=lambda m: None)
+
+    def run(d: Path, name: str, **kw: float) -> tuple[dict, float]:
+        infer_session(d, None, tmp_path / name, estimator="network-free", scaling="calibrated",
+                      clusters=out, device="cpu", threads=1, synth=False, progress=False, **kw)
+        label = d.parent.name + "_" + d.name
+        paths = map_paths(tmp_path / name, label)
+        side = json.loads(paths["T1map"].with_suffix("").with_suffix(".json").read_text())
+        u = nib.load(str(paths["sd_T1map"])).get_fdata()
+        return side["Scaling"]["pinning"]["uncertainty"], float(np.median(u[u > 0]))
+
+    a = archive["a"][0]
+    unc, sd_small = run(a, "a", model_error=0.5, model_error_cluster=0.02)
+    assert unc["model_error_log_sd"] == 0.02 and "protocol cluster" in unc["model_error_for"]
+    unc, sd_large = run(a, "a2", model_error=0.5, model_error_cluster=0.2)
+    assert unc["model_error_log_sd"] == 0.2
+    assert sd_large > 2.0 * sd_small  # the term is used, not only recorded
+    unc, _ = run(archive["b"], "b", model_error=0.5, model_error_cluster=0.02)
+    assert unc["model_error_log_sd"] == 0.5 and "session alone" in unc["model_error_for"]
+
+
 def test_a_cluster_too_small_at_first_is_fitted_once_it_can_be(archive: dict,
                                                              tmp_path: Path) -> None:
     out = tmp_path / "clusters.json"

@@ -18,6 +18,7 @@ from ..model.calibration import (
     DEFAULT_ESTIMATOR,
     DEFAULT_METHOD,
     DEFAULT_MODEL_ERROR,
+    DEFAULT_MODEL_ERROR_CLUSTER,
     DEFAULT_SMOOTHING,
     ESTIMATORS,
     SMOOTHING_GUIDES,
@@ -327,7 +328,13 @@ def _infer_model_args(p: argparse.ArgumentParser, contrasts_default: str | None)
                    metavar="SD",
                    help="calibrated scaling: relative error (log-SD) of each contrast's signal "
                         "model added to the calibrated scales' covariance in the uncertainty "
-                        f"maps (default {DEFAULT_MODEL_ERROR}; 0 = the scales' posterior alone)")
+                        "maps, where the scales come from the session alone (default "
+                        f"{DEFAULT_MODEL_ERROR}; 0 = the scales' posterior alone)")
+    p.add_argument("--model-error-cluster", type=_non_negative,
+                   default=DEFAULT_MODEL_ERROR_CLUSTER, metavar="SD",
+                   help="the same where the scales come from a protocol cluster (--clusters; "
+                        f"default {DEFAULT_MODEL_ERROR_CLUSTER}: the cluster fit's posterior "
+                        "holds the gain jitter already)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress lines on stderr (the precision line stays)")
     # the usage error of a missing --checkpoint (required unless --estimator network-free)
@@ -347,7 +354,7 @@ def _infer_kwargs(a: argparse.Namespace, contrasts: tuple[str, ...]) -> dict:
                 synth=not a.no_synth, scale_bound=a.scale_bound, scaling=a.scaling,
                 smoothing=_smoothing_of(a), estimator=a.estimator, clusters=a.clusters,
                 progress=not a.no_progress, network_fov=a.network_fov,
-                model_error=a.model_error)
+                model_error=a.model_error, model_error_cluster=a.model_error_cluster)
 
 
 def _report(label: str, a: argparse.Namespace, contrasts: tuple[str, ...], info: dict) -> None:

@@ -324,6 +324,12 @@ def session_calibration(sd: SessionData, contrasts: Sequence[str] | None = None,
     return cal
 
 
+def scales_from_cluster(calib: Calibration) -> bool:
+    """Whether a calibration's scales come from a protocol cluster (its fit, or joining it)
+    rather than from the session alone (``origin`` of :func:`session_calibration`)."""
+    return str((calib.origin or {}).get("scales_from", "")).startswith("cluster")
+
+
 # ---------------------------------------------------------------------------------------------
 # packing
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ from ..io import save_nifti
 from .calibration import (
     DEFAULT_ESTIMATOR,
     DEFAULT_MODEL_ERROR,
+    DEFAULT_MODEL_ERROR_CLUSTER,
     DEFAULT_SMOOTHING,
     ESTIMATORS,
     METHODS,
@@ -87,6 +88,7 @@ from .data import (
     ROLE,
     SessionFiles,
     load_session,
+    scales_from_cluster,
     session_calibration,
     session_files,
     session_seg,
@@ -416,7 +418,8 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
                   estimator: str = DEFAULT_ESTIMATOR,
                   clusters: str | Path | None = None, files: SessionFiles | None = None,
                   progress: bool = True, network_fov: str = "brain",
-                  model_error: float = DEFAULT_MODEL_ERROR) -> dict[str, Any]:
+                  model_error: float = DEFAULT_MODEL_ERROR,
+                  model_error_cluster: float = DEFAULT_MODEL_ERROR_CLUSTER) -> dict[str, Any]:
     """Predict and write one session's maps (see the module docstring); returns a summary.
 
     ``estimator`` (:data:`~qmriflow.model.calibration.ESTIMATORS`): ``refined`` (default) the
@@ -437,7 +440,9 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     ``files``: the session's input files when they are not laid out as a preprocessed session
     folder (``qmriflow infer-nifti``; ``session_dir`` is then ignored).
     ``model_error``: relative error (log-SD) of each contrast's signal model added to the
-    calibrated scales' covariance in the uncertainty maps (calibrated scaling).
+    calibrated scales' covariance in the uncertainty maps (calibrated scaling) when the scales
+    come from the session alone; ``model_error_cluster`` the same when they come from a
+    protocol cluster (its fit or a join), whose posterior already holds the gain jitter.
     ``progress``: stage lines (and the network's slices) on stderr once the session has taken
     a few seconds; the precision chosen is always printed there.
     ``network_fov``: ``brain`` (default) runs the network of the calibrated estimators on the
@@ -454,8 +459,9 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
     t0 = time.perf_counter()
     if estimator not in ESTIMATORS:
         raise ConfigError(f"estimator must be one of {tuple(ESTIMATORS)}, got {estimator!r}")
-    if not (model_error >= 0 and np.isfinite(model_error)):
-        raise ConfigError(f"model_error must be a finite number >= 0, got {model_error!r}")
+    for name, v in (("model_error", model_error), ("model_error_cluster", model_error_cluster)):
+        if not (v >= 0 and np.isfinite(v)):
+            raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
     if threads:
         torch.set_num_threads(int(threads))
     # the checkpoint first: a missing/corrupt model fails before any work
@@ -518,8 +524,16 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
         maps, t_net = _tissue_maps(sd, calib, seg), None
     if calib is not None and estimator != "network-only":
         report.stage("calibrated estimate (pinning, data consistency, smoothing)")
+    # the signal-model error of the uncertainty maps: smaller where a cluster fit holds the
+    # gain jitter and the cohort level in its posterior already
+    from_cluster = calib is not None and scales_from_cluster(calib)
+    sigma = model_error_cluster if from_cluster else model_error
     maps, sds, pinning = _estimate(estimator, maps, sd, calib, contrasts, seg, smoothing,
-                                   model_error)
+                                   sigma)
+    if pinning is not None:
+        pinning["uncertainty"]["model_error_for"] = (
+            "scales from a protocol cluster (model_error_cluster)" if from_cluster
+            else "scales from the session alone (model_error)")
     status = None if pinning is None else pinning["refine"].pop("status_map", None)
     t_est = time.perf_counter() - t1 - (t_net or 0.0)
     report.stage("writing")
