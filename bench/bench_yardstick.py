@@ -155,7 +155,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help=f"{EPOCHS['quick']} training epochs instead of {EPOCHS['full']}")
     ap.add_argument("--model-error", type=float, default=None,
                     help="infer --model-error (relative signal-model error in the uncertainty "
-                         "maps; default: the package's; maps in *_me<X> folders)")
+                         "maps where the scales come from the session alone; default: the "
+                         "package's; maps in *_me<X> folders)")
+    ap.add_argument("--model-error-cluster", type=float, default=None,
+                    help="infer --model-error-cluster (the same where the scales come from a "
+                         "protocol cluster; maps in *_mec<X> folders)")
     ap.add_argument("--epochs", type=int, default=None,
                     help="training epochs (overrides --quick's and the full count; models and "
                          "maps in *_e<N> folders)")
@@ -175,6 +179,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         (a.epochs is None or a.epochs >= 1, f"argument --epochs: must be >= 1, got {a.epochs}"),
         (a.model_error is None or (math.isfinite(a.model_error) and a.model_error >= 0),
          f"argument --model-error: must be >= 0, got {a.model_error}"),
+        (a.model_error_cluster is None
+         or (math.isfinite(a.model_error_cluster) and a.model_error_cluster >= 0),
+         f"argument --model-error-cluster: must be >= 0, got {a.model_error_cluster}"),
         (math.isfinite(a.distill) and a.distill >= 0,
          f"argument --distill: must be >= 0, got {a.distill}"),
         (len(set(a.seeds)) == len(a.seeds), f"argument --seeds: repeated seed in {a.seeds}"),
@@ -493,6 +500,25 @@ def ensure_pack(pack_dir: Path, dirs: Sequence[Path], stale: Sequence[Path],
 def maps_dir(work: Path, tag: str, method: str, seed: int | None) -> Path:
     """WORK/maps<tag>/<method>/seed<k>/ (``untrained`` for the network-free method)."""
     return work / f"maps{tag}" / method / ("untrained" if seed is None else f"seed{seed}")
+
+
+def same_model_error(t1map: Path, requested: dict[str, float]) -> bool:
+    """Whether maps on record were made with the signal-model errors of this run (``infer``'s
+    ``model_error`` / ``model_error_cluster``, the package's defaults where not requested):
+    their uncertainty maps depend on it, the maps themselves do not. Maps without uncertainty
+    maps always match; maps from before the sidecar said which error applied never do."""
+    from qmriflow.model.calibration import DEFAULT_MODEL_ERROR, DEFAULT_MODEL_ERROR_CLUSTER
+
+    side = json.loads(t1map.with_name(t1map.name.replace(".nii.gz", ".json")).read_text())
+    unc = ((side.get("Scaling") or {}).get("pinning") or {}).get("uncertainty")
+    if unc is None:
+        return True
+    if "model_error_for" not in unc:
+        return False
+    cluster = "protocol cluster" in unc["model_error_for"]
+    want = (requested.get("model_error_cluster", DEFAULT_MODEL_ERROR_CLUSTER) if cluster
+            else requested.get("model_error", DEFAULT_MODEL_ERROR))
+    return bool(unc.get("model_error_log_sd") == want)
 
 
 def method_seeds(method: str, seeds: Sequence[int]) -> list[int | None]:
@@ -955,8 +981,11 @@ def run(a: argparse.Namespace) -> int:
            + (f"_e{a.epochs}" if a.epochs is not None else ""))
     epochs = a.epochs or EPOCHS["quick" if a.quick else "full"]
     # a model-error variant reuses the pack and models, with its own maps and tables
-    mtag = tag + (f"_me{a.model_error:g}" if a.model_error is not None else "")
-    infer_extra = {} if a.model_error is None else {"model_error": a.model_error}
+    mtag = (tag + (f"_me{a.model_error:g}" if a.model_error is not None else "")
+            + (f"_mec{a.model_error_cluster:g}" if a.model_error_cluster is not None else ""))
+    infer_extra = {k: v for k, v in (("model_error", a.model_error),
+                                     ("model_error_cluster", a.model_error_cluster))
+                   if v is not None}
 
     t = time.perf_counter()
     manifest = ensure_archive(archive, phantom_kwargs(a))
@@ -1022,7 +1051,8 @@ def run(a: argparse.Namespace) -> int:
             for s in sessions:
                 done = map_paths(out, s.label)["T1map"]
                 if done.is_file() and (ckpt is None or done.stat().st_mtime
-                                       > ckpt.stat().st_mtime):
+                                       > ckpt.stat().st_mtime) and same_model_error(
+                                           done, infer_extra):
                     continue
                 try:
                     infer_session(dirs[s.label], ckpt, out, scaling=scaling, estimator=estimator,
@@ -1098,6 +1128,7 @@ def run(a: argparse.Namespace) -> int:
         "gain_jitter": a.gain_jitter, "mismatch": a.mismatch, "segmentation": a.segmentation,
         "cluster_scales": a.cluster_scales, "calibration_session": a.calibration_session,
         "distill": a.distill, "model_error": a.model_error,
+        "model_error_cluster": a.model_error_cluster,
         "methods": list(a.methods), "seeds": list(a.seeds), "quick": a.quick, "epochs": epochs,
         "trained": trained, "width": WIDTH, "threads": THREADS, "default_method": default,
         "tissue_table": "independent", "pseudonym_salt": SALT,

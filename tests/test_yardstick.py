@@ -167,6 +167,30 @@ def test_twin_differences_and_seed_spread() -> None:
     assert max(spread) == pytest.approx(100 * 0.02 / 1.01)
 
 
+def test_maps_on_record_are_reused_only_with_the_same_model_error(tmp_path: Path) -> None:
+    import json
+
+    t1 = tmp_path / "x_T1map.nii.gz"
+    side = tmp_path / "x_T1map.json"
+
+    def check(unc: dict | None, requested: dict) -> bool:
+        side.write_text(json.dumps({"Scaling": {"pinning": {"uncertainty": unc}}}
+                                   if unc is not None else {"Scaling": None}))
+        return by.same_model_error(t1, requested)
+
+    cluster = "scales from a protocol cluster (model_error_cluster)"
+    alone = "scales from the session alone (model_error)"
+    assert check(None, {"model_error": 0.5})  # no uncertainty maps: nothing to redo
+    assert not check({"model_error_log_sd": 0.12}, {})  # made before the sidecar said which
+    assert check({"model_error_log_sd": 0.03, "model_error_for": cluster}, {})
+    assert not check({"model_error_log_sd": 0.03, "model_error_for": cluster},
+                     {"model_error_cluster": 0.05})
+    assert check({"model_error_log_sd": 0.12, "model_error_for": alone},
+                 {"model_error_cluster": 0.05})
+    assert not check({"model_error_log_sd": 0.12, "model_error_for": alone},
+                     {"model_error": 0.2})
+
+
 def test_resample_world_identity_and_shift() -> None:
     data = np.arange(4 * 5 * 3, dtype=float).reshape(4, 5, 3)
     aff = np.diag([2.0, 2.0, 4.0, 1.0])
@@ -289,6 +313,7 @@ def test_tables_from_a_tiny_report() -> None:
     (["--tissue-range", "0.5"], "argument --tissue-range: must be in [0, 0.5)"),
     (["--global-shift", "-0.1"], "argument --global-shift: must be in [0, 0.5)"),
     (["--methods", "magic"], "argument --methods: invalid choice: 'magic'"),
+    (["--model-error-cluster", "-0.01"], "argument --model-error-cluster: must be >= 0"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
     work = tmp_path / "work"
