@@ -128,7 +128,7 @@ def test_workflow_discovers_and_converts_every_session(phantom_archive, manifest
     assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
     infer_cmds = [ln for ln in plan.stdout.splitlines() if "qmriflow infer " in ln]
     assert len(infer_cmds) == 4
-    assert all("--model-error 0.12 --model-error-cluster 0.03" in c for c in infer_cmds)
+    assert all("--model-error 0.12 --model-error-cluster 0.12" in c for c in infer_cmds)
     # no identifier anywhere: names, logs, sidecars, tables, NIfTI headers
     assert assert_no_identifiers(tmp_path) > 50
     # pseudonyms are stable for a salt and change with it

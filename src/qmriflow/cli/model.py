@@ -333,8 +333,7 @@ def _infer_model_args(p: argparse.ArgumentParser, contrasts_default: str | None)
     p.add_argument("--model-error-cluster", type=_non_negative,
                    default=DEFAULT_MODEL_ERROR_CLUSTER, metavar="SD",
                    help="the same where the scales come from a protocol cluster (--clusters; "
-                        f"default {DEFAULT_MODEL_ERROR_CLUSTER}: the cluster fit's posterior "
-                        "holds the gain jitter already)")
+                        f"default {DEFAULT_MODEL_ERROR_CLUSTER})")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress lines on stderr (the precision line stays)")
     # the usage error of a missing --checkpoint (required unless --estimator network-free)

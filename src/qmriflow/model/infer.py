@@ -524,8 +524,8 @@ def infer_session(session_dir: str | Path, checkpoint: str | Path | None,
         maps, t_net = _tissue_maps(sd, calib, seg), None
     if calib is not None and estimator != "network-only":
         report.stage("calibrated estimate (pinning, data consistency, smoothing)")
-    # the signal-model error of the uncertainty maps: smaller where a cluster fit holds the
-    # gain jitter and the cohort level in its posterior already
+    # the signal-model error of the uncertainty maps: its own setting where the scales come
+    # from a protocol cluster (whose posterior holds the gain jitter and the cohort level)
     from_cluster = calib is not None and scales_from_cluster(calib)
     sigma = model_error_cluster if from_cluster else model_error
     maps, sds, pinning = _estimate(estimator, maps, sd, calib, contrasts, seg, smoothing,
