@@ -66,10 +66,10 @@ DEFAULT_MODEL_ERROR_CLUSTER = 0.12
 :data:`DEFAULT_MODEL_ERROR`: 0.03, chosen on tuning seed 32 (the smallest of 0, 0.03, 0.06,
 0.09 with coverage of at least 68 % for all six figures), held on held-out seed 2121 (70-100 %,
 SDs about the size of the errors) but not on held-out seed 2123 (GM T1 60 %, WM T2 55 %),
-where the cohort prior set the cluster's level 8-10 % off and the fit's posterior states less
-than that (probably because its six literature priors on the cohort means count as
-independent evidence about one free direction). With 0.12 the stated SDs are 2-5 times the
-errors but cover them (bench/results-pages/accuracy.md)."""
+where the cohort prior set the clusters' level 8-10 % off: about one stated SD of the level
+(6-11 %), shared by every session of a cluster, so coverage there is decided by two level
+draws. With 0.12 the stated SDs are 2-5 times the errors but cover them
+(bench/results-pages/accuracy.md)."""
 _LOG_LO = np.log([LIMITS[p][0] for p in PARAMS])
 _LOG_HI = np.log([LIMITS[p][1] for p in PARAMS])
 """The ranges in log-parameters (PD, T1, T2 order), the bounds of every move of the maps."""
