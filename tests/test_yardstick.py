@@ -178,17 +178,26 @@ def test_maps_on_record_are_reused_only_with_the_same_model_error(tmp_path: Path
                                    if unc is not None else {"Scaling": None}))
         return by.same_model_error(t1, requested)
 
+    from qmriflow.model.calibration import DEFAULT_MODEL_ERROR, DEFAULT_MODEL_ERROR_CLUSTER
+
     cluster = "scales from a protocol cluster (model_error_cluster)"
     alone = "scales from the session alone (model_error)"
     assert check(None, {"model_error": 0.5})  # no uncertainty maps: nothing to redo
-    assert not check({"model_error_log_sd": 0.12}, {})  # made before the sidecar said which
-    assert check({"model_error_log_sd": 0.03, "model_error_for": cluster}, {})
+    # made before the sidecar said which error applied
+    assert not check({"model_error_log_sd": DEFAULT_MODEL_ERROR}, {})
+    # nothing requested: the package's defaults
+    assert check({"model_error_log_sd": DEFAULT_MODEL_ERROR_CLUSTER,
+                  "model_error_for": cluster}, {})
+    assert check({"model_error_log_sd": DEFAULT_MODEL_ERROR, "model_error_for": alone}, {})
+    # requested: only the kind that applied counts
+    assert check({"model_error_log_sd": 0.03, "model_error_for": cluster},
+                 {"model_error_cluster": 0.03, "model_error": 0.2})
     assert not check({"model_error_log_sd": 0.03, "model_error_for": cluster},
                      {"model_error_cluster": 0.05})
-    assert check({"model_error_log_sd": 0.12, "model_error_for": alone},
-                 {"model_error_cluster": 0.05})
-    assert not check({"model_error_log_sd": 0.12, "model_error_for": alone},
-                     {"model_error": 0.2})
+    assert check({"model_error_log_sd": 0.2, "model_error_for": alone},
+                 {"model_error": 0.2, "model_error_cluster": 0.05})
+    assert not check({"model_error_log_sd": 0.2, "model_error_for": alone},
+                     {"model_error": 0.1})
 
 
 def test_resample_world_identity_and_shift() -> None:
