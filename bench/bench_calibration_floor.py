@@ -35,11 +35,21 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROLE_TO_CONTRAST = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR"}
 COLS = ("WM pd", "WM t1", "WM t2", "GM pd", "GM t1", "GM t2")
+
+
+def session_protocols(rng: np.random.Generator, cluster: int | None = None
+                      ) -> dict[str, Any]:
+    """Contrast → protocol of one session drawn as the phantom draws them (T1w, T2w, FLAIR)."""
+    from qmriflow.phantom.protocols import draw_session_protocols
+
+    _, series = draw_session_protocols(rng, cluster=cluster)
+    return {ROLE_TO_CONTRAST[s.role]: s.protocol for s in series if s.role in ROLE_TO_CONTRAST}
 
 
 def mode_normalise(med: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -74,7 +84,6 @@ def run(draws: int, spread: float, csf_exact: bool, log_sd: float | None, csf_sd
         trust_csf_t1w: bool = False) -> dict:
     from qmriflow import physics
     from qmriflow.model.calibration import scales as cal
-    from qmriflow.phantom.protocols import draw_session_protocols
     from qmriflow.phantom.tissues import BY_NAME, subject_tissues
 
     rng = np.random.default_rng(seed)
@@ -85,9 +94,7 @@ def run(draws: int, spread: float, csf_exact: bool, log_sd: float | None, csf_sd
     errs = []
     try:
         for _ in range(draws):
-            _, series = draw_session_protocols(rng)
-            prot = {ROLE_TO_CONTRAST[s.role]: s.protocol for s in series
-                    if s.role in ROLE_TO_CONTRAST}
+            prot = session_protocols(rng)
             st = subject_tissues(rng, spread=spread)
             tis = {}
             for t in ("WM", "GM", "CSF"):

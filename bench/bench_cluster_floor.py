@@ -40,9 +40,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_calibration_floor import mode_normalise
+from bench_calibration_floor import ROLE_TO_CONTRAST, mode_normalise, session_protocols
 
-ROLE_TO_CONTRAST = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR"}
 FIGURES = [(t, p) for p in ("t1_s", "t2_s", "pd") for t in ("WM", "GM")]
 NAMES = {"t1_s": "T1", "t2_s": "T2", "pd": "PD"}
 CRIT = {"t1_s": 5.0, "t2_s": 5.0, "pd": 10.0}
@@ -89,15 +88,13 @@ def draw_cluster(rng: np.random.Generator, subjects: list[dict[str, dict[str, fl
     phantom's clusters), gain ratios (log-SD 0.5), per-session factors (log-SD 0.3) and
     per-series jitter, and the nine noisy, mode-normalised tissue medians of each session."""
     from qmriflow import physics
-    from qmriflow.phantom.protocols import CLUSTERS, draw_session_protocols
+    from qmriflow.phantom.protocols import CLUSTERS
 
     k = int(rng.integers(len(CLUSTERS)))
     ratio = {c: float(np.exp(rng.normal(0.0, 0.5))) for c in ROLE_TO_CONTRAST.values()}
     out = []
     for tis in subjects:
-        _, series = draw_session_protocols(rng, cluster=k)
-        prot = {ROLE_TO_CONTRAST[s.role]: s.protocol for s in series
-                if s.role in ROLE_TO_CONTRAST}
+        prot = session_protocols(rng, cluster=k)
         if flair_model == "echo-train":
             prot["FLAIR"] = flair_echo_train(prot["FLAIR"])
         session = float(np.exp(rng.normal(0.0, 0.3)))
