@@ -36,6 +36,7 @@
 #   WHEEL_DIR       where local wheels live   (default /opt/wheels)
 #   PIP_CA_BUNDLE   CA bundle for the secret  (default /etc/ssl/certs/ca-certificates.crt)
 #   IMAGE_NAME      image name                (default qmriflow-cpu)
+#   KEEP_OLD_IMAGES 1: keep the images earlier builds left (default: removed, step 4)
 
 set -euo pipefail
 
@@ -266,5 +267,31 @@ podman build \
     "${extra_args[@]}" \
     .
 size="$(podman image inspect --format '{{.Size}}' "$tag")"
-log "built $tag in $((SECONDS - start)) s, $((size / 1000000)) MB; the build stage stays" \
-    "as an untagged image (layer cache for the next build; 'podman image prune' removes it)"
+log "built $tag in $((SECONDS - start)) s, $((size / 1000000)) MB"
+
+# ---------------------------------------------------------------------------------------
+# 4. Images that earlier builds left behind (2.3-2.5 GB each; they filled a CI runner's
+#    disk): the build stage is tagged $IMAGE_NAME-build:$version (a cache hit, seconds),
+#    so that it stays as the layer cache of the next build, and then the untagged images
+#    of this Dockerfile - earlier build stages (label org.qmriflow.stage=build) and earlier
+#    final images (label org.qmriflow.source-hash) - are removed. Other images are not
+#    touched. KEEP_OLD_IMAGES=1 skips this step.
+# ---------------------------------------------------------------------------------------
+if [ "${KEEP_OLD_IMAGES:-0}" != 1 ]; then
+    podman build \
+        "${secret_args[@]}" \
+        --ignorefile containers/Dockerfile.cpu.dockerignore \
+        --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+        --build-arg "VERSION=$version" \
+        --build-arg "SOURCE_HASH=$source_hash" \
+        -f containers/Dockerfile.cpu \
+        --target build \
+        -t "$IMAGE_NAME-build:$version" \
+        "${extra_args[@]}" \
+        . >/dev/null
+    before="$(podman images -a -q | wc -l)"
+    podman image prune -f --filter label=org.qmriflow.stage=build >/dev/null
+    podman image prune -f --filter label=org.qmriflow.source-hash >/dev/null
+    log "removed $((before - $(podman images -a -q | wc -l))) images left by earlier builds;" \
+        "the build stage (layer cache) is $IMAGE_NAME-build:$version"
+fi

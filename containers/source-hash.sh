@@ -2,7 +2,7 @@
 # Print one SHA-256 over the files that containers/Dockerfile.cpu builds the package from:
 # pyproject.toml, constraints.txt and src/ (without __pycache__, *.pyc, *.egg-info), i.e.
 # the build context that containers/Dockerfile.cpu.dockerignore lets through, less the
-# torch wheel.
+# torch wheel, and over the Dockerfile itself (a changed recipe is a changed image).
 #
 #   containers/source-hash.sh            # from anywhere in the repository
 #
@@ -16,6 +16,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
         -o \( -type f ! -name '*.pyc' -print \)
     echo pyproject.toml
     echo constraints.txt
+    echo containers/Dockerfile.cpu
 } | LC_ALL=C sort | while IFS= read -r f; do
     printf '%s  %s\n' "$(sha256sum <"$f" | cut -d' ' -f1)" "$f"
 done | sha256sum | cut -d' ' -f1
