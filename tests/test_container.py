@@ -316,7 +316,6 @@ def _scan_archive(stream, patterns: list[bytes],
     archive, whose layers are plain tars), each member read in chunks that overlap by the
     longest pattern minus one; a gzip-compressed member fails the test (it could not be read).
     Returns ({member: [patterns found]}, [names of the regular members scanned])."""
-    import gzip
     import tarfile
 
     keep = max(map(len, patterns)) - 1
@@ -361,3 +360,15 @@ def test_scan_archive_finds_a_pattern_across_chunks_and_members(tmp_path):
         hits, members = _scan_archive(buf, [pattern, b"absent"], chunk=chunk)
         assert hits == {"a.tar": [pattern.decode()]}, (chunk, hits)
         assert members == ["a.tar", "b.json", "c.tar"]
+
+    import gzip
+
+    body = gzip.compress(pattern)
+    gz = io.BytesIO()
+    with tarfile.open(fileobj=gz, mode="w") as tar:
+        info = tarfile.TarInfo("layer.tar.gz")
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    gz.seek(0)
+    with pytest.raises(AssertionError, match=r"layer\.tar\.gz is gzip-compressed"):
+        _scan_archive(gz, [pattern])
