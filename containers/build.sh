@@ -255,17 +255,17 @@ fi
 tag="$IMAGE_NAME:$version"
 source_hash="$(containers/source-hash.sh)"
 log "building $tag (sources $source_hash)"
+# the same arguments build the image and (step 4) tag its build stage
+build_args=(
+    "${secret_args[@]}"
+    --ignorefile containers/Dockerfile.cpu.dockerignore
+    --build-arg "BASE_IMAGE=$BASE_IMAGE"
+    --build-arg "VERSION=$version"
+    --build-arg "SOURCE_HASH=$source_hash"
+    -f containers/Dockerfile.cpu
+)
 start=$SECONDS
-podman build \
-    "${secret_args[@]}" \
-    --ignorefile containers/Dockerfile.cpu.dockerignore \
-    --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-    --build-arg "VERSION=$version" \
-    --build-arg "SOURCE_HASH=$source_hash" \
-    -f containers/Dockerfile.cpu \
-    -t "$tag" \
-    "${extra_args[@]}" \
-    .
+podman build "${build_args[@]}" -t "$tag" "${extra_args[@]}" .
 size="$(podman image inspect --format '{{.Size}}' "$tag")"
 log "built $tag in $((SECONDS - start)) s, $((size / 1000000)) MB"
 
@@ -278,17 +278,8 @@ log "built $tag in $((SECONDS - start)) s, $((size / 1000000)) MB"
 #    touched. KEEP_OLD_IMAGES=1 skips this step.
 # ---------------------------------------------------------------------------------------
 if [ "${KEEP_OLD_IMAGES:-0}" != 1 ]; then
-    podman build \
-        "${secret_args[@]}" \
-        --ignorefile containers/Dockerfile.cpu.dockerignore \
-        --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-        --build-arg "VERSION=$version" \
-        --build-arg "SOURCE_HASH=$source_hash" \
-        -f containers/Dockerfile.cpu \
-        --target build \
-        -t "$IMAGE_NAME-build:$version" \
-        "${extra_args[@]}" \
-        . >/dev/null
+    podman build "${build_args[@]}" --target build -t "$IMAGE_NAME-build:$version" \
+        "${extra_args[@]}" . >/dev/null
     before="$(podman images -a -q | wc -l)"
     podman image prune -f --filter label=org.qmriflow.stage=build >/dev/null
     podman image prune -f --filter label=org.qmriflow.source-hash >/dev/null
