@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import NoReturn
 
 import pytest
 
 from qmriflow.workflow.demo import tool_env
 
-__all__ = ["tool_env", "tool_missing"]
+__all__ = ["load_script", "tool_env", "tool_missing"]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """Import a script that is not part of the package (bench/*.py, scripts/*.py) as module
+    ``name``, registered in ``sys.modules`` (so that its dataclasses and its own imports of
+    sibling scripts by that name work)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def tool_missing(reason: str) -> NoReturn:

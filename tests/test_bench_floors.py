@@ -4,29 +4,15 @@ the accuracy page says it is (fast: a few clusters, no images)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from .conftest import REPO
+from .conftest import REPO, load_script
 
-
-def _load(name: str) -> Any:
-    path = REPO / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-calfloor = _load("bench_calibration_floor")
-clfloor = _load("bench_cluster_floor")
+calfloor = load_script(REPO / "bench" / "bench_calibration_floor.py", "bench_calibration_floor")
+clfloor = load_script(REPO / "bench" / "bench_cluster_floor.py", "bench_cluster_floor")
 
 
 def test_mode_normalise_brings_each_contrast_to_its_brighter_tissue() -> None:

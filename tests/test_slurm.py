@@ -21,7 +21,6 @@ not root (slurmd must run as root to start jobs).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -37,7 +36,7 @@ import numpy as np
 import pytest
 import yaml
 
-from .conftest import REPO, tool_env, tool_missing
+from .conftest import REPO, load_script, tool_env, tool_missing
 
 pytestmark = pytest.mark.slow
 
@@ -61,20 +60,11 @@ VOLATILE_COLUMN = re.compile(r"^(time|timestamp|host|hostname|duration\w*)$")
 RUN_TIMEOUT_S = 900
 
 
-def _load_cluster_module():
-    path = REPO / "scripts" / "slurm_cluster.py"
-    spec = importlib.util.spec_from_file_location("qmriflow_slurm_cluster", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def slurm(request, tmp_path_factory):
     """A running single-node SLURM cluster; stopped (daemons ended by PID) in a finalizer,
     also when the test fails."""
-    sc = _load_cluster_module()
+    sc = load_script(REPO / "scripts" / "slurm_cluster.py", "qmriflow_slurm_cluster")
     reason = sc.ensure_installed()
     if reason:
         tool_missing(f"no SLURM test cluster: {reason}")

@@ -3,7 +3,6 @@ report, and its one-line refusal of bad options (fast: no phantom, no training).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -16,21 +15,12 @@ import pytest
 from qmriflow.errors import InputError
 from qmriflow.stats.metrics import group_centred, slope_r
 
-from .conftest import REPO
+from .conftest import REPO, load_script
 
 BENCH = REPO / "bench" / "bench_yardstick.py"
 
 
-def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_yardstick", BENCH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-by = _bench()
+by = load_script(BENCH, "bench_yardstick")
 
 # ---------------------------------------------------------------------------------------------
 # generic metrics (qmriflow.stats.metrics)
