@@ -68,8 +68,9 @@ def draw_subjects(rng: np.random.Generator, n: int, spread: float, shift: float
 
 def flair_echo_train(p: Any) -> Any:
     """The FLAIR protocol as the estimator models a long 3D FLAIR train by default: EPG with
-    the ASSUMED variable-angle schedule (``archive.params.estimator_echo_train``; the
-    phantom's 3D FLAIR has 151 echoes)."""
+    the ASSUMED variable-angle schedule (``archive.params.estimator_echo_train``) for a
+    151-echo train in every session (the phantom draws 150-189 echoes per session; truth and
+    estimator share this one train here)."""
     from qmriflow import physics
     from qmriflow.archive.params import estimator_echo_train
 
